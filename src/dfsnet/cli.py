@@ -1,0 +1,68 @@
+"""The ``dfsnet`` command line: a thin dispatcher over ``dfsnet.commands``.
+
+Each module in ``dfsnet.commands`` exposes ``register(subparsers)``, which adds its
+sub-commands and sets ``func`` on them. Heavy imports (torch, faiss) happen inside the
+command functions so that ``dfsnet --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from sklearn.exceptions import NotFittedError
+
+from dfsnet import __version__
+
+COMMAND_MODULES = ("train", "experiment", "index", "serve")
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the CLI prints it without a traceback."""
+
+
+# Errors that describe a user mistake; anything else is a bug and keeps its traceback.
+_USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+                PermissionError, KeyError, NotFittedError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfsnet",
+        description="Content-based image retrieval with deep feature selection, "
+        "information gain rate and hashing (DFS-Net).",
+    )
+    parser.add_argument("--version", action="version", version=f"dfsnet {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"dfsnet.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose + 1, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"dfsnet {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

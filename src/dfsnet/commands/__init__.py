@@ -1,0 +1,1 @@
+"""Sub-commands of the ``dfsnet`` CLI, one module per group; each exposes ``register(subparsers)``."""

@@ -1,0 +1,5 @@
+"""`dfsnet experiment` sub-commands (placeholder until its issue lands: registers nothing)."""
+
+
+def register(subparsers) -> None:
+    return None
