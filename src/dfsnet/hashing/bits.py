@@ -1,0 +1,120 @@
+"""Packed binary codes: packing, unpacking and exact Hamming distances.
+
+Bit order (used everywhere in dfsnet): numpy ``packbits`` big-endian, i.e. bit ``i`` of a code
+lives in byte ``i // 8`` under mask ``0x80 >> (i % 8)``; unused trailing bits of the last byte are
+0. This is also the layout faiss binary indexes read.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dfsnet._validation import check_array, check_positive_int
+
+__all__ = ["hamming_distances", "n_bytes", "pack_bits", "unpack_bits"]
+
+# Cap on the (rows x columns) uint64 XOR block in hamming_distances, in bytes.
+_BLOCK_BYTES = 64 << 20
+
+
+def n_bytes(n_bits: int) -> int:
+    """Bytes per packed code of ``n_bits`` bits: ``ceil(n_bits / 8)``."""
+    return (int(n_bits) + 7) // 8
+
+
+def pack_bits(bits) -> np.ndarray:
+    """Pack a boolean matrix into codes.
+
+    Parameters
+    ----------
+    bits : array-like of bool (or 0/1 integers), shape (n, b)
+
+    Returns
+    -------
+    ndarray of uint8, shape (n, ceil(b / 8))
+        Bit ``i`` in byte ``i // 8`` at mask ``0x80 >> (i % 8)``; padding bits are 0.
+    """
+    arr = check_array(bits, name="bits", dtype=None)
+    if arr.dtype != np.bool_:
+        if not np.all((arr == 0) | (arr == 1)):
+            raise ValueError(f"bits: expected booleans or 0/1 values, got dtype {arr.dtype} with other values")
+        arr = arr.astype(bool)
+    return np.packbits(arr, axis=1, bitorder="big")
+
+
+def _check_codes(codes, name: str) -> np.ndarray:
+    if codes is None:
+        raise TypeError(f"{name}: expected a uint8 array of packed codes, got None")
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8:
+        raise TypeError(f"{name}: expected packed codes of dtype uint8, got {codes.dtype}")
+    if codes.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n, n_bytes), got shape {codes.shape}")
+    return np.ascontiguousarray(codes)
+
+
+def unpack_bits(codes, n_bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`.
+
+    Parameters
+    ----------
+    codes : ndarray of uint8, shape (n, ceil(n_bits / 8))
+    n_bits : int
+        Code length in bits; the trailing padding bits are dropped.
+
+    Returns
+    -------
+    ndarray of bool, shape (n, n_bits)
+    """
+    codes = _check_codes(codes, "codes")
+    n_bits = check_positive_int(n_bits, name="n_bits")
+    if codes.shape[1] != n_bytes(n_bits):
+        raise ValueError(
+            f"codes: expected {n_bytes(n_bits)} bytes per code for n_bits={n_bits}, got {codes.shape[1]}"
+        )
+    return np.unpackbits(codes, axis=1, count=n_bits, bitorder="big").astype(bool)
+
+
+def hamming_distances(a, b) -> np.ndarray:
+    """All pairwise Hamming distances between two sets of packed codes, exactly.
+
+    XOR of 64-bit words and a hardware popcount (``numpy.bitwise_count``), in row blocks of ``a``
+    so that memory stays bounded.
+
+    Parameters
+    ----------
+    a : ndarray of uint8, shape (na, B)
+    b : ndarray of uint8, shape (nb, B)
+
+    Returns
+    -------
+    ndarray of int32, shape (na, nb)
+    """
+    a = _check_codes(a, "a")
+    b = _check_codes(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"b: expected codes of {a.shape[1]} bytes like a, got {b.shape[1]}")
+    width = a.shape[1]
+    n_words = -(-width // 8)
+    # Zero padding to whole 64-bit words leaves every distance unchanged (0 XOR 0 = 0).
+    wa = np.zeros((a.shape[0], n_words * 8), dtype=np.uint8)
+    wa[:, :width] = a
+    wb = np.zeros((b.shape[0], n_words * 8), dtype=np.uint8)
+    wb[:, :width] = b
+    # Word-major copies so that each word is one contiguous row.
+    wa = np.ascontiguousarray(wa.view(np.uint64).T)
+    wb = np.ascontiguousarray(wb.view(np.uint64).T)
+    out = np.empty((a.shape[0], b.shape[0]), dtype=np.int32)
+    rows = max(1, _BLOCK_BYTES // max(1, b.shape[0] * 8))
+    for i in range(0, a.shape[0], rows):
+        block = out[i : i + rows]
+        # One word at a time: popcount(XOR) into uint8, accumulated in int32; a single
+        # (rows, nb, words) reduction is several times slower.
+        for w in range(n_words):
+            counts = np.bitwise_count(np.bitwise_xor(wa[w, i : i + rows, None], wb[w][None, :]))
+            if w == 0:
+                block[...] = counts
+            else:
+                block += counts
+        if n_words == 0:
+            block[...] = 0
+    return out

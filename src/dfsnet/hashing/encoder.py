@@ -1,0 +1,298 @@
+"""Encoder: feature selection followed by hashing, fitted together and saved as one file.
+
+With ``GainRatioSelector(n_features=b)`` and ``MeanThresholdHasher("sample_mean")`` it is exactly
+the DFS-Net paper's Scheme 3 encoding: keep the ``b`` features of highest gain ratio, then set each
+bit where the feature reaches the mean of the vector's own ``b`` selected values.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from dfsnet import __version__
+from dfsnet._io import atomic_write
+from dfsnet._validation import (
+    check_array,
+    check_choice,
+    check_is_fitted,
+    check_positive_int,
+)
+from dfsnet.hashing.itq import ITQHasher
+from dfsnet.hashing.threshold import THRESHOLDS, MeanThresholdHasher
+from dfsnet.selection import GainRatioSelector, RandomSelector
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "HASHERS", "SELECTORS", "Encoder", "make_encoder"]
+
+logger = logging.getLogger(__name__)
+
+#: Value of the ``format`` entry of an encoder file, and the version this code writes and reads.
+FORMAT = "dfsnet.encoder"
+FORMAT_VERSION = 1
+
+#: Names accepted by :func:`make_encoder`.
+SELECTORS = ("gain_ratio", "random", None)
+HASHERS = THRESHOLDS + ("itq",)
+
+# Classes an encoder file may name; nothing else is ever instantiated on load.
+_CLASSES = {cls.__name__: cls for cls in (GainRatioSelector, RandomSelector, MeanThresholdHasher, ITQHasher)}
+
+
+class Encoder(TransformerMixin, BaseEstimator):
+    """A feature selector (or None) followed by a hasher: float features in, packed codes out.
+
+    ``fit`` fits the selector on ``(X, y)`` and the hasher on the selected features, in place (as
+    scikit-learn's ``Pipeline`` does).
+
+    Parameters
+    ----------
+    selector : GainRatioSelector, RandomSelector or None
+        None hashes the input columns as they are.
+    hasher : MeanThresholdHasher or ITQHasher
+
+    Attributes
+    ----------
+    n_bits_ : int
+        Code length.
+    n_features_in_ : int
+        Input columns expected by ``transform``.
+    """
+
+    def __init__(self, *, selector, hasher):
+        self.selector = selector
+        self.hasher = hasher
+
+    def _check_steps(self) -> None:
+        for name, step, required in (("selector", self.selector, False), ("hasher", self.hasher, True)):
+            if step is None and not required:
+                continue
+            if not (hasattr(step, "fit") and hasattr(step, "transform")):
+                raise TypeError(f"{name}: expected an estimator with fit and transform, got {step!r}")
+
+    def fit(self, X, y=None):
+        """Fit the selector, then the hasher on the selected features.
+
+        Parameters
+        ----------
+        X : array-like of float, shape (n, d)
+        y : array-like of int, shape (n,), or None
+            Class labels; required by ``GainRatioSelector``.
+
+        Returns
+        -------
+        self
+        """
+        self._check_steps()
+        X = check_array(X, name="X")
+        if self.selector is not None:
+            X = self.selector.fit(X, y).transform(X)
+        self.hasher.fit(X)
+        self.n_bits_ = int(self.hasher.n_bits_)
+        self.n_features_in_ = int(self.selector.n_features_in_ if self.selector is not None else X.shape[1])
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """Encode features into packed codes.
+
+        Parameters
+        ----------
+        X : array-like of float, shape (n, n_features_in_)
+
+        Returns
+        -------
+        ndarray of uint8, shape (n, ceil(n_bits_ / 8))
+            Bit ``i`` in byte ``i // 8`` at mask ``0x80 >> (i % 8)``.
+        """
+        check_is_fitted(self, ("n_bits_",))
+        X = check_array(X, name="X")
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X: expected {self.n_features_in_} columns (as in fit), got {X.shape[1]}")
+        if self.selector is not None:
+            X = self.selector.transform(X)
+        return self.hasher.transform(X)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted encoder to one ``.npz`` file, atomically.
+
+        The file holds ``format``, ``format_version``, the constructor parameters and scalar
+        attributes as a JSON string (``meta``), and each learned array as ``selector.<name>`` or
+        ``hasher.<name>``. Nothing is pickled; the zip container's CRC-32 of every member lets
+        :meth:`load` detect corruption.
+        """
+        check_is_fitted(self, ("n_bits_",))
+        arrays: dict[str, np.ndarray] = {}
+        meta = {
+            "dfsnet_version": __version__,
+            "n_bits": self.n_bits_,
+            "n_features_in": self.n_features_in_,
+            "selector": None if self.selector is None else _describe(self.selector, "selector", arrays),
+            "hasher": _describe(self.hasher, "hasher", arrays),
+        }
+        arrays["format"] = np.array(FORMAT)
+        arrays["format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)
+        arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+        with atomic_write(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        logger.info("saved %d-bit encoder to %s", self.n_bits_, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Encoder:
+        """Read an encoder written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If the file is not a dfsnet encoder, is corrupt or truncated, was written by a newer
+            format version, or its contents are inconsistent; the message names the path and the
+            problem.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: encoder file {str(path)!r} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                # Reading every member here makes a damaged archive fail now (zip CRC check).
+                contents = {key: data[key] for key in data.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError) as exc:
+            # TypeError: a plain .npy file loads as an array, which is no context manager.
+            raise ValueError(f"{path}: not a readable dfsnet encoder file ({type(exc).__name__}: {exc})") from None
+        try:
+            return cls._from_contents(contents)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"{path}: invalid dfsnet encoder file: {exc}") from None
+
+    @classmethod
+    def _from_contents(cls, contents: dict[str, np.ndarray]) -> Encoder:
+        if "format" not in contents or str(contents["format"]) != FORMAT:
+            raise ValueError(f"format: expected {FORMAT!r}, found {str(contents.get('format'))!r}")
+        version = int(contents["format_version"])
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version: this dfsnet reads version {FORMAT_VERSION}, the file has version {version}"
+            )
+        meta = json.loads(str(contents["meta"]))
+        selector = None if meta["selector"] is None else _rebuild(meta["selector"], "selector", contents)
+        hasher = _rebuild(meta["hasher"], "hasher", contents)
+        encoder = cls(selector=selector, hasher=hasher)
+        encoder.n_bits_ = int(meta["n_bits"])
+        encoder.n_features_in_ = int(meta["n_features_in"])
+        hashed = encoder.n_features_in_ if selector is None else len(selector.selected_features_)
+        if selector is not None and selector.n_features_in_ != encoder.n_features_in_:
+            raise ValueError(
+                f"selector: expects {selector.n_features_in_} inputs, the encoder {encoder.n_features_in_}"
+            )
+        if hasher.n_features_in_ != hashed or hasher.n_bits_ != encoder.n_bits_:
+            raise ValueError(
+                f"hasher: expects {hasher.n_features_in_} inputs and makes {hasher.n_bits_} bits; the encoder "
+                f"feeds it {hashed} and records {encoder.n_bits_} bits"
+            )
+        return encoder
+
+
+def _describe(estimator, role: str, arrays: dict[str, np.ndarray]) -> dict:
+    """JSON description of a fitted step; its learned arrays go into ``arrays``."""
+    name = type(estimator).__name__
+    if _CLASSES.get(name) is not type(estimator):
+        raise TypeError(f"{role}: only {sorted(_CLASSES)} can be saved, got {name}")
+    params = estimator.get_params(deep=False)
+    for key, value in params.items():
+        if isinstance(value, np.integer):
+            params[key] = int(value)
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            raise TypeError(f"{role}.{key}: only None, bool, int, float or str can be saved, got {value!r}")
+    saved = []
+    for attr in estimator._persist_arrays:
+        if hasattr(estimator, attr):
+            arrays[f"{role}.{attr}"] = np.ascontiguousarray(getattr(estimator, attr))
+            saved.append(attr)
+    scalars = {attr: int(getattr(estimator, attr)) for attr in estimator._persist_scalars}
+    return {"class": name, "params": params, "scalars": scalars, "arrays": saved}
+
+
+def _rebuild(desc: dict, role: str, contents: dict[str, np.ndarray]):
+    """Instantiate and restore a step described by :func:`_describe`; validates its state."""
+    name = desc["class"]
+    if name not in _CLASSES:
+        raise ValueError(f"{role}: unknown class {name!r}; expected one of {sorted(_CLASSES)}")
+    estimator = _CLASSES[name](**desc["params"])
+    for attr, value in desc["scalars"].items():
+        if attr not in estimator._persist_scalars:
+            raise ValueError(f"{role}: unexpected attribute {attr!r}")
+        setattr(estimator, attr, int(value))
+    for attr in desc["arrays"]:
+        if attr not in estimator._persist_arrays:
+            raise ValueError(f"{role}: unexpected array {attr!r}")
+        key = f"{role}.{attr}"
+        if key not in contents:
+            raise ValueError(f"{key}: missing from the file")
+        setattr(estimator, attr, contents[key])
+    estimator._validate_fitted_state()
+    return estimator
+
+
+def make_encoder(selector="gain_ratio", hasher="sample_mean", n_bits=None, **kw) -> Encoder:
+    """Build an unfitted :class:`Encoder` by name.
+
+    Parameters
+    ----------
+    selector : {"gain_ratio", "random", None}
+    hasher : {"sample_mean", "feature_mean", "feature_median", "zero", "itq"}
+        The first four are :class:`MeanThresholdHasher` rules (one bit per selected feature, so the
+        selector keeps ``n_bits`` features); ``"itq"`` is :class:`ITQHasher` with ``n_bits`` bits.
+    n_bits : int or None
+        Code length. Required, except for a threshold hasher without a selector, which makes one bit
+        per input column (``n_bits`` must then be None).
+    **kw
+        ``discretizer``, ``n_bins`` (gain_ratio); ``random_state`` (random selector and itq);
+        ``n_iter`` (itq); ``n_features`` (selector output width with itq; default None keeps all
+        features, reordered).
+
+    Returns
+    -------
+    Encoder
+    """
+    check_choice(selector, SELECTORS, name="selector")
+    check_choice(hasher, HASHERS, name="hasher")
+    kw = dict(kw)
+    allowed = set()
+    if hasher == "itq":
+        n_bits = check_positive_int(n_bits, name="n_bits")
+        allowed |= {"random_state", "n_iter"} | ({"n_features"} if selector is not None else set())
+        hash_step = ITQHasher(n_bits=n_bits, **{k: kw[k] for k in ("n_iter", "random_state") if k in kw})
+        n_features = kw.get("n_features")
+    else:
+        hash_step = MeanThresholdHasher(threshold=hasher)
+        if selector is None:
+            if n_bits is not None:
+                raise ValueError(
+                    f"n_bits: hasher={hasher!r} without a selector makes one bit per input column; "
+                    f"pass n_bits=None or a selector, got n_bits={n_bits}"
+                )
+        else:
+            n_bits = check_positive_int(n_bits, name="n_bits")
+        n_features = n_bits
+    if selector == "gain_ratio":
+        allowed |= {"discretizer", "n_bins"}
+        select_step = GainRatioSelector(
+            n_features=n_features, **{k: kw[k] for k in ("discretizer", "n_bins") if k in kw}
+        )
+    elif selector == "random":
+        allowed |= {"random_state"}
+        select_step = RandomSelector(n_features=n_features, random_state=kw.get("random_state", 0))
+    else:
+        select_step = None
+    unexpected = sorted(set(kw) - allowed)
+    if unexpected:
+        raise TypeError(
+            f"make_encoder: unexpected keyword argument(s) {unexpected} for selector={selector!r}, "
+            f"hasher={hasher!r}; valid here: {sorted(allowed)}"
+        )
+    return Encoder(selector=select_step, hasher=hash_step)

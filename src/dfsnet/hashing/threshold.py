@@ -1,0 +1,109 @@
+"""Threshold hashing: one bit per feature, 1 where the value reaches a threshold."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from dfsnet._validation import check_array, check_choice, check_is_fitted
+
+__all__ = ["THRESHOLDS", "MeanThresholdHasher"]
+
+#: Threshold rules of :class:`MeanThresholdHasher`.
+THRESHOLDS = ("sample_mean", "feature_mean", "feature_median", "zero")
+
+
+def _check_width(X: np.ndarray, n_bits: int) -> None:
+    if X.shape[1] != n_bits:
+        raise ValueError(f"X: expected {n_bits} columns (one per bit, as in fit), got {X.shape[1]}")
+
+
+class MeanThresholdHasher(TransformerMixin, BaseEstimator):
+    """Binarise each feature against a threshold; bit ``i`` is 1 where ``x[i] >= threshold``
+    (``x[i] > 0`` for ``"zero"``).
+
+    Parameters
+    ----------
+    threshold : {"sample_mean", "feature_mean", "feature_median", "zero"}
+        ``"sample_mean"`` (default) is the DFS-Net paper's Algorithm 1: each vector is compared with
+        the mean of its own ``b`` values, so ``fit`` learns nothing but ``b``. ``"feature_mean"`` and
+        ``"feature_median"``: one threshold per dimension, the mean or median of that column over the
+        ``fit`` data. ``"zero"``: whether each value is positive (``x > 0``); strict, because pooled
+        ReLU features are never negative and ``>= 0`` would set every bit.
+
+    Attributes
+    ----------
+    n_bits_ : int
+        Code length, equal to the number of input columns.
+    n_features_in_ : int
+    thresholds_ : ndarray of float64, shape (n_bits_,)
+        Per-dimension thresholds; only for ``"feature_mean"`` and ``"feature_median"``.
+
+    Notes
+    -----
+    Means are accumulated in float64; the comparison is exact between the float32 value and the
+    float64 threshold.
+    """
+
+    _persist_arrays = ("thresholds_",)
+    _persist_scalars = ("n_bits_", "n_features_in_")
+
+    def __init__(self, *, threshold="sample_mean"):
+        self.threshold = threshold
+
+    def fit(self, X, y=None):
+        """Learn the code length and, for per-feature rules, the thresholds.
+
+        Parameters
+        ----------
+        X : array-like of float, shape (n, b)
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        check_choice(self.threshold, THRESHOLDS, name="threshold")
+        X = check_array(X, name="X")
+        self.n_features_in_ = self.n_bits_ = int(X.shape[1])
+        if self.threshold == "feature_mean":
+            self.thresholds_ = X.mean(axis=0, dtype=np.float64)
+        elif self.threshold == "feature_median":
+            self.thresholds_ = np.median(X, axis=0).astype(np.float64)
+        elif hasattr(self, "thresholds_"):
+            del self.thresholds_
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """Hash ``X`` into packed codes.
+
+        Parameters
+        ----------
+        X : array-like of float, shape (n, n_bits_)
+
+        Returns
+        -------
+        ndarray of uint8, shape (n, ceil(n_bits_ / 8))
+            Bit order as in :func:`dfsnet.hashing.pack_bits`.
+        """
+        return np.packbits(self.bits(X), axis=1, bitorder="big")
+
+    def bits(self, X) -> np.ndarray:
+        """The codes unpacked: ndarray of bool, shape (n, n_bits_), for X float (n, n_bits_)."""
+        check_is_fitted(self, ("n_bits_",))
+        X = check_array(X, name="X")
+        _check_width(X, self.n_bits_)
+        if self.threshold == "sample_mean":
+            return X >= X.mean(axis=1, keepdims=True, dtype=np.float64)
+        if self.threshold == "zero":
+            return X > 0
+        return X >= self.thresholds_
+
+    def _validate_fitted_state(self) -> None:
+        """Consistency of the learned attributes (used when loading them from a file)."""
+        check_choice(self.threshold, THRESHOLDS, name="threshold")
+        per_feature = self.threshold in ("feature_mean", "feature_median")
+        if per_feature != hasattr(self, "thresholds_"):
+            state = "missing" if per_feature else "unexpected"
+            raise ValueError(f"thresholds_: {state} for threshold={self.threshold!r}")
+        if per_feature and self.thresholds_.shape != (self.n_bits_,):
+            raise ValueError(f"thresholds_: expected shape ({self.n_bits_},), got {self.thresholds_.shape}")
