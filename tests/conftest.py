@@ -5,9 +5,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_ROOT = REPO.parent / "shared" / "datasets" / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Run torch and BLAS on one thread: on a shared 2-core machine, spinning worker threads made
+    small forward passes and probe fits several times slower than a single thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
