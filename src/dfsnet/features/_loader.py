@@ -1,0 +1,104 @@
+"""Ordered, index-tracking batch iteration shared by feature and feature-map extraction."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dfsnet._validation import check_positive_int
+
+
+class Batch(NamedTuple):
+    """One ordered batch. ``indices`` int64 (b,) are the dataset positions it covers; ``ok``
+    bool (b,) marks the items that loaded; ``images`` float (k, 3, H, W) and ``labels`` int64
+    (k,) hold the k loaded ones (label -1 when the dataset yields bare images)."""
+
+    indices: np.ndarray
+    ok: np.ndarray
+    images: torch.Tensor | None
+    labels: np.ndarray
+
+
+class _Indexed(Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return i, self.dataset[i]
+
+
+def _collate(batch) -> Batch:
+    # Unreadable images come back as None (dfsnet.data's contract); keep their positions so
+    # the caller can mark them instead of silently shifting every later row.
+    indices = np.array([i for i, _ in batch], dtype=np.int64)
+    ok = np.array([item is not None for _, item in batch], dtype=bool)
+    items = [item for _, item in batch if item is not None]
+    if not items:
+        return Batch(indices, ok, None, np.empty(0, dtype=np.int64))
+    if isinstance(items[0], torch.Tensor):
+        images, labels = torch.stack(items), np.full(len(items), -1, dtype=np.int64)
+    else:
+        images = torch.stack([item[0] for item in items])
+        labels = np.array([int(item[1]) for item in items], dtype=np.int64)
+    return Batch(indices, ok, images, labels)
+
+
+def resolve_device(device) -> torch.device:
+    """``None`` -> the first CUDA device when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected e.g. 'cpu', 'cuda' or 'cuda:1', got {device!r} ({exc})") from None
+
+
+def check_dataset(dataset, *, name: str = "dataset") -> int:
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise TypeError(f"{name}: expected a map-style dataset with __len__, got {type(dataset).__name__}") from None
+    if n == 0:
+        raise ValueError(f"{name}: expected at least one item, got an empty dataset")
+    return n
+
+
+def iter_batches(dataset, *, batch_size: int, num_workers: int, device: torch.device,
+                 progress: bool = False, desc: str = "extract") -> Iterator[Batch]:
+    """Yield the dataset in order, ``batch_size`` items at a time, images moved to ``device``."""
+    from tqdm.auto import tqdm
+
+    check_positive_int(batch_size, name="batch_size")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
+    loader = DataLoader(
+        _Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress) as bar:
+        for batch in loader:
+            if batch.images is not None:
+                batch = batch._replace(images=batch.images.to(device, non_blocking=True))
+            yield batch
+            bar.update(len(batch.indices))
+
+
+@contextlib.contextmanager
+def inference_on(model: torch.nn.Module, device: torch.device):
+    """Run ``model`` in eval mode on ``device``; restore its mode and device afterwards."""
+    was_training = model.training
+    original = next((p.device for p in model.parameters()), None)
+    model.eval().to(device)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+        if original is not None and original != device:
+            model.to(original)

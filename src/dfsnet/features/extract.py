@@ -1,0 +1,196 @@
+"""Pooled deep features of a dataset, with an on-disk cache."""
+from __future__ import annotations
+
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfsnet._io import atomic_write
+from dfsnet._validation import check_positive_int
+from dfsnet.features._loader import check_dataset, inference_on, iter_batches, resolve_device
+from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
+
+__all__ = ["extract_features", "extract_features_with_mask", "extract_from_maps", "features_cache_path"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+
+
+def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int = 0, device=None,
+                     cache_dir=None, cache_key: str | None = None, progress: bool = False) -> np.ndarray:
+    """Pooled features of every item of ``dataset`` through ``model.features``.
+
+    The model runs in eval mode under ``torch.inference_mode`` on ``device`` (default: the
+    first CUDA device when available, else the CPU), one process and one device; its mode
+    and device are restored afterwards. Items are read in order, so row ``i`` is item ``i``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Anything with ``features(x float (N, 3, H, W)) -> float (N, D)``, e.g. a
+        :class:`dfsnet.models.DFSNet`.
+    dataset : torch Dataset
+        Map-style; items are ``(image float (3, H, W), label)`` or a bare image tensor.
+    batch_size, num_workers : int
+        DataLoader settings.
+    device : str or torch.device, optional
+    cache_dir : path, optional
+        When given, the result is stored as ``features-<key>.npz`` there and reused. The key
+        hashes the model's weights, the dataset's fingerprint (see
+        :func:`dfsnet.features.fingerprint.dataset_fingerprint`) and ``cache_key``.
+    cache_key : str, optional
+        Names the split (e.g. ``"cifar10/test"``); required with ``cache_dir`` when the
+        dataset cannot be fingerprinted, in which case it alone identifies the data.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    features : ndarray of float32, shape (n, D)
+
+    Raises
+    ------
+    ValueError
+        If any item could not be loaded (an unreadable image); use
+        :func:`extract_features_with_mask` to keep the others.
+    """
+    features, ok = extract_features_with_mask(
+        model, dataset, batch_size=batch_size, num_workers=num_workers, device=device,
+        cache_dir=cache_dir, cache_key=cache_key, progress=progress,
+    )
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        raise ValueError(
+            f"dataset: {bad.size} of {ok.size} items could not be loaded "
+            f"(first: {_describe(dataset, int(bad[0]))}); use extract_features_with_mask() to get "
+            "the features of the others with a mask of the loaded items"
+        )
+    return features
+
+
+def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_workers: int = 0,
+                               device=None, cache_dir=None, cache_key: str | None = None,
+                               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`extract_features`, but tolerant of unreadable items.
+
+    Returns
+    -------
+    features : ndarray of float32, shape (n, D)
+        Row ``i`` is item ``i``; rows of items that failed to load are zero.
+    ok : ndarray of bool, shape (n,)
+        ``True`` where the item loaded. Index pipelines keep ``features[ok]`` and the ids
+        ``np.flatnonzero(ok)``.
+    """
+    if not callable(getattr(model, "features", None)):
+        raise TypeError(f"model: expected a module with a features() method (a DFSNet), got {type(model).__name__}")
+    n = check_dataset(dataset)
+    check_positive_int(batch_size, name="batch_size")
+    path = None
+    if cache_dir is not None:
+        path = features_cache_path(model, dataset, cache_dir=cache_dir, cache_key=cache_key)
+        cached = _load_cache(path, n)
+        if cached is not None:
+            logger.info("features: cache hit %s", path)
+            return cached
+    dev = resolve_device(device)
+    features = None
+    ok = np.zeros(n, dtype=bool)
+    with inference_on(model, dev):
+        for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
+                                  device=dev, progress=progress, desc="features"):
+            if batch.images is None:
+                continue
+            out = model.features(batch.images)
+            if features is None:
+                features = np.zeros((n, out.shape[1]), dtype=np.float32)
+            rows = batch.indices[batch.ok]
+            features[rows] = out.float().cpu().numpy()
+            ok[rows] = True
+    if features is None:
+        raise ValueError(f"dataset: none of its {n} items could be loaded (first: {_describe(dataset, 0)})")
+    if not ok.all():
+        logger.warning("features: %d of %d items could not be loaded and were skipped", int((~ok).sum()), n)
+    if path is not None:
+        with atomic_write(path) as fh:
+            np.savez(fh, features=features, ok=ok, version=np.int64(_CACHE_VERSION))
+        logger.info("features: cached %s", path)
+    return features, ok
+
+
+def features_cache_path(model, dataset, *, cache_dir, cache_key: str | None = None) -> Path:
+    """The cache file :func:`extract_features` uses for ``(model, dataset, cache_key)``."""
+    data = dataset_fingerprint(dataset)
+    if data is None and cache_key is None:
+        raise ValueError(
+            f"cache_key: a {type(dataset).__name__} cannot be fingerprinted, so pass cache_key= "
+            "naming its content and split (or no cache_dir)"
+        )
+    key = combine_keys(v=_CACHE_VERSION, model=module_fingerprint(model), data=data,
+                       name=cache_key, n=len(dataset))
+    return Path(cache_dir) / f"features-{key}.npz"
+
+
+def extract_from_maps(model, maps, *, batch_size: int = 256, device=None) -> np.ndarray:
+    """Pooled features from precomputed backbone feature maps through ``model.head_features``.
+
+    Equals :func:`extract_features` on the images the maps came from, up to the float16
+    rounding of cached maps, at a fraction of the cost (the backbone is skipped).
+
+    Parameters
+    ----------
+    model : DFSNet
+    maps : array-like or torch.Tensor, shape (n, C, h, w), any float dtype
+        E.g. :attr:`dfsnet.features.FeatureMaps.maps` (float16, memory-mapped).
+
+    Returns
+    -------
+    features : ndarray of float32, shape (n, D)
+    """
+    if not callable(getattr(model, "head_features", None)):
+        raise TypeError(f"model: expected a DFSNet with head_features(), got {type(model).__name__}")
+    if not isinstance(maps, torch.Tensor):
+        maps = np.asarray(maps)
+        if maps.dtype.kind != "f":
+            raise TypeError(f"maps: expected a float array, got dtype {maps.dtype}")
+    if maps.ndim != 4:
+        raise ValueError(f"maps: expected shape (n, C, h, w), got {tuple(maps.shape)}")
+    check_positive_int(batch_size, name="batch_size")
+    dev = resolve_device(device)
+    chunks = []
+    with inference_on(model, dev):
+        for start in range(0, maps.shape[0], batch_size):
+            block = maps[start:start + batch_size]
+            if not isinstance(block, torch.Tensor):
+                block = torch.from_numpy(np.array(block))  # a writable copy of a memmap slice
+            chunks.append(model.head_features(block.to(dev, torch.float32)).float().cpu().numpy())
+    if not chunks:
+        raise ValueError("maps: expected at least one row, got 0")
+    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+
+def _load_cache(path: Path, n: int):
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["version"]) != _CACHE_VERSION:
+                return None
+            features, ok = z["features"], z["ok"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        logger.warning("features: ignoring unreadable cache file %s (%s)", path, exc)
+        return None
+    if features.shape[0] != n or ok.shape != (n,) or features.dtype != np.float32:
+        logger.warning("features: ignoring cache file %s with shape %s for %d items", path, features.shape, n)
+        return None
+    return features, ok
+
+
+def _describe(dataset, i: int) -> str:
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, (list, tuple)) and i < len(samples):
+        return f"item {i}, {samples[i][0]}"
+    return f"item {i}"

@@ -1,0 +1,173 @@
+"""Backbone feature maps of a dataset, computed once and cached on disk as float16.
+
+Head-only training runs the frozen backbone once per image and then trains the part after
+it (DFS module, pooling, classifier) on the stored maps, epoch after epoch. The maps are
+streamed to a ``.npy`` file (so a dataset larger than memory never sits in RAM), which is
+read back memory-mapped with ``allow_pickle=False``. Size: ``n * C * h * w * 2`` bytes, e.g.
+about 200 MB for 5,000 images through EfficientNet-Lite0 at 128 px (1280 x 4 x 4).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfsnet._io import atomic_write
+from dfsnet.features._loader import check_dataset, inference_on, iter_batches, resolve_device
+from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
+
+__all__ = ["FeatureMaps", "cached_feature_maps", "feature_maps_key"]
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    """Cached backbone output for a dataset.
+
+    Attributes
+    ----------
+    maps : ndarray of float16, shape (n, C, h, w)
+        Memory-mapped, read-only; rows of items that failed to load are zero.
+    labels : ndarray of int64, shape (n,)
+        Labels as the dataset yielded them; -1 for items that failed to load.
+    ok : ndarray of bool, shape (n,)
+        ``True`` where the item loaded.
+    path : Path
+        The ``.npy`` file holding ``maps``.
+    seconds : float
+        Time spent computing the maps in this call (0.0 on a cache hit).
+    """
+
+    maps: np.ndarray
+    labels: np.ndarray
+    ok: np.ndarray
+    path: Path
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.maps.shape[0])
+
+
+def feature_maps_key(backbone: torch.nn.Module, dataset) -> str:
+    """Cache key: backbone identity and weights + dataset fingerprint (incl. its transform,
+    hence the image size)."""
+    data = dataset_fingerprint(dataset)
+    if data is None:
+        raise ValueError(
+            f"dataset: a {type(dataset).__name__} cannot be fingerprinted for the feature-map cache; "
+            "give it a `fingerprint` string attribute, or use an ImageFolder, Subset or TensorDataset"
+        )
+    meta = getattr(backbone, "meta", None)
+    return combine_keys(
+        v=_CACHE_VERSION,
+        backbone=getattr(meta, "timm_name", type(backbone).__qualname__),
+        input_size=list(getattr(meta, "input_size", ()) or ()),
+        weights=module_fingerprint(backbone),
+        data=data,
+        n=len(dataset),
+    )
+
+
+def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_size: int = 64,
+                        num_workers: int = 0, device=None, amp: bool | None = None,
+                        progress: bool = False) -> FeatureMaps:
+    """Return the backbone's feature maps for every item of ``dataset``, computing them once.
+
+    Parameters
+    ----------
+    backbone : torch.nn.Module
+        ``forward(x float (N, 3, H, W)) -> float (N, C, h, w)``; run in eval mode under
+        ``torch.inference_mode`` (its mode and device are restored afterwards).
+    dataset : torch Dataset
+        Items ``(image float (3, H, W), label)``; an item that is ``None`` (unreadable image)
+        is marked in ``ok``. Read in order, without augmentation being meaningful: the maps
+        are computed once, so a random train transform would be frozen into the cache.
+    cache_dir : path
+        Directory of ``maps-<key>.npy`` (the maps) and ``maps-<key>.meta.npz`` (labels, mask);
+        the second is written last and marks the entry complete. Both are atomic.
+    amp : bool, optional
+        float16 autocast while computing; default: on for CUDA devices.
+
+    Returns
+    -------
+    FeatureMaps
+    """
+    n = check_dataset(dataset)
+    cache_dir = Path(cache_dir)
+    key = feature_maps_key(backbone, dataset)
+    maps_path = cache_dir / f"maps-{key}.npy"
+    meta_path = cache_dir / f"maps-{key}.meta.npz"
+    cached = _load(maps_path, meta_path, n)
+    if cached is not None:
+        logger.info("feature maps: cache hit %s", maps_path)
+        return cached
+    dev = resolve_device(device)
+    amp = dev.type == "cuda" if amp is None else bool(amp)
+    start = time.perf_counter()
+    labels = np.full(n, -1, dtype=np.int64)
+    ok = np.zeros(n, dtype=bool)
+    shape = None
+    pending = 0  # rows of unreadable items seen before the map shape is known
+    with atomic_write(maps_path) as fh, inference_on(backbone, dev):
+        for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
+                                  device=dev, progress=progress, desc="feature maps"):
+            out = None
+            if batch.images is not None:
+                with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+                    out = backbone(batch.images)
+                if out.ndim != 4:
+                    raise ValueError(f"backbone: expected a (N, C, h, w) feature map, got shape {tuple(out.shape)}")
+                if shape is None:
+                    shape = tuple(out.shape[1:])
+                    np.lib.format.write_array_header_1_0(fh, {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                        "fortran_order": False, "shape": (n, *shape),
+                    })
+                    fh.write(np.zeros((pending, *shape), dtype=np.float16).tobytes())
+            if shape is None:
+                pending += len(batch.indices)
+                continue
+            block = np.zeros((len(batch.indices), *shape), dtype=np.float16)
+            if out is not None:
+                # Saturate instead of overflowing to inf in float16.
+                block[batch.ok] = out.float().clamp_(-_FP16_MAX, _FP16_MAX).half().cpu().numpy()
+                labels[batch.indices[batch.ok]] = batch.labels
+                ok[batch.indices[batch.ok]] = True
+            fh.write(block.tobytes())
+        if shape is None:
+            raise ValueError(f"dataset: none of its {n} items could be loaded")
+    with atomic_write(meta_path) as fh:
+        np.savez(fh, labels=labels, ok=ok, version=np.int64(_CACHE_VERSION))
+    seconds = time.perf_counter() - start
+    if not ok.all():
+        logger.warning("feature maps: %d of %d items could not be loaded and were skipped", int((~ok).sum()), n)
+    logger.info("feature maps: %d items %s cached in %.1f s at %s", n, shape, seconds, maps_path)
+    loaded = _load(maps_path, meta_path, n)
+    return FeatureMaps(loaded.maps, loaded.labels, loaded.ok, maps_path, seconds)
+
+
+def _load(maps_path: Path, meta_path: Path, n: int) -> FeatureMaps | None:
+    if not (maps_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        maps = np.load(maps_path, mmap_mode="r", allow_pickle=False)
+        with np.load(meta_path, allow_pickle=False) as z:
+            if int(z["version"]) != _CACHE_VERSION:
+                return None
+            labels, ok = z["labels"], z["ok"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        logger.warning("feature maps: ignoring unreadable cache %s (%s)", maps_path, exc)
+        return None
+    if maps.ndim != 4 or maps.shape[0] != n or maps.dtype != np.float16 or labels.shape != (n,) or ok.shape != (n,):
+        logger.warning("feature maps: ignoring cache %s with shape %s for %d items", maps_path, maps.shape, n)
+        return None
+    return FeatureMaps(maps, labels, ok, maps_path)

@@ -1,0 +1,111 @@
+"""`dfsnet train` and `dfsnet extract` end to end on a tiny folder, and their user errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dfsnet.cli import main
+from tests.conftest import make_image_folder
+
+TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "32", "--batch-size", "8"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("cli_train") / "images", n_classes=3, per_class=8)
+
+
+def test_train_then_extract(images, tmp_path, capsys):
+    from dfsnet.data import ImageFolder, Split, build_transforms
+    from dfsnet.features import extract_features
+    from dfsnet.hashing import Encoder
+    from dfsnet.models import checkpoint_hash, load_checkpoint
+
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "--data", images, *TINY, "--epochs", "1", "--bits", "16",
+                            "--val-fraction", "0.3", "--out", out)
+    assert code == 0, err
+    assert "val top-1 accuracy" in stdout and "16 bits" in stdout
+    for name in ("model.safetensors", "encoder.npz", "split.json", "train_summary.json"):
+        assert (out / name).is_file(), name
+    split = Split.load(out / "split.json")
+    assert split.protocol == "per-class" and split.val.size > 0
+    assert Encoder.load(out / "encoder.npz").n_bits_ == 16
+    model, extra = load_checkpoint(out / "model.safetensors")
+    assert extra["image_size"] == 32 and extra["mode"] == "head" and model.meta.dfs
+    assert json.loads((out / "train_summary.json").read_text())["epochs"] == 1
+
+    features = tmp_path / "features.npz"
+    code, stdout, err = run(capsys, "extract", "--model", out / "model.safetensors", "--data", images,
+                            "--out", features, "--batch-size", "8")
+    assert code == 0, err
+    with np.load(features, allow_pickle=False) as z:
+        assert z["features"].shape == (24, model.meta.feature_dim) and z["features"].dtype == np.float32
+        assert z["labels"].tolist() == sorted(z["labels"].tolist()) and z["paths"].shape == (24,)
+        assert str(z["checkpoint"]) == checkpoint_hash(out / "model.safetensors")
+        ds = ImageFolder(images, transform=build_transforms(model.meta, train=False, image_size=32))
+        np.testing.assert_allclose(z["features"], extract_features(model, ds), rtol=1e-4, atol=1e-5)
+        assert z["paths"].tolist() == [p for p, _ in ds.samples]
+
+    code, _, err = run(capsys, "extract", "--model", out / "model.safetensors", "--data", images / "class_1",
+                       "--unlabeled", "--out", features)
+    assert code == 0, err
+    with np.load(features, allow_pickle=False) as z:
+        assert z["features"].shape == (8, model.meta.feature_dim) and (z["labels"] == -1).all()
+
+
+def _assert_clean_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_one_class_folder_is_a_clean_error(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "one", n_classes=1, per_class=3)
+    code, _, err = run(capsys, "train", "--data", root, *TINY, "--out", tmp_path / "run")
+    _assert_clean_error(code, err, "dfsnet train: error:", "only one class")
+
+
+def test_unknown_backbone_is_a_clean_error(images, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", images, "--backbone", "resnet_50x", "--no-pretrained",
+                       "--out", tmp_path / "run")
+    _assert_clean_error(code, err, "unknown backbone 'resnet_50x'", "resnet50")
+
+
+def test_init_checkpoint_for_other_classes_names_both(images, tmp_path, capsys):
+    import torch
+
+    from dfsnet.models import DFSNet, create_backbone, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(DFSNet(create_backbone("test_efficientnet"), 5), tmp_path / "five.safetensors")
+    code, _, err = run(capsys, "train", "--data", images, *TINY, "--init", ckpt, "--out", tmp_path / "run")
+    _assert_clean_error(code, err, "num_classes=5", "num_classes=3")
+
+
+def test_missing_files_are_clean_errors(images, tmp_path, capsys):
+    code, _, err = run(capsys, "extract", "--model", tmp_path / "nope.safetensors", "--data", images,
+                       "--out", tmp_path / "f.npz")
+    _assert_clean_error(code, err, "dfsnet extract: error:", "nope.safetensors")
+    code, _, err = run(capsys, "train", "--data", images, *TINY, "--weights", tmp_path / "w.pt",
+                       "--out", tmp_path / "run")
+    _assert_clean_error(code, err, "w.pt")
+
+
+def test_help_documents_every_option(capsys):
+    for command in ("train", "extract"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        parser_options = [o for o in text.split() if o.startswith("--")]
+        assert "--out" in text and len(parser_options) > 5

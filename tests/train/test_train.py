@@ -1,0 +1,119 @@
+"""train_model (head and full mode, resume, early stopping) and evaluate_accuracy on tiny data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfsnet.data import ImageFolder, Subset, build_transforms
+from dfsnet.models import DFSNet, create_backbone, load_checkpoint
+from dfsnet.train import TrainResult, evaluate_accuracy, train_model
+from tests.conftest import make_image_folder
+
+SIZE = 32
+FAST = dict(batch_size=4, progress=False, num_workers=0)
+
+
+def _net(dfs: bool = True) -> DFSNet:
+    torch.manual_seed(0)
+    return DFSNet(create_backbone("test_efficientnet"), 3, dfs=dfs)
+
+
+def _sets(root: Path, meta, *, train_transform=None):
+    ds = ImageFolder(root, transform=build_transforms(meta, train=False, image_size=SIZE))
+    idx = np.arange(len(ds))
+    return Subset(ds, idx[idx % 4 != 3], transform=train_transform), Subset(ds, idx[idx % 4 == 3])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("train") / "images", n_classes=3, per_class=8, size=SIZE)
+
+
+def test_head_training_resume_and_restart(data_root, tmp_path):
+    model = _net()
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    train_set, val_set = _sets(data_root, model.backbone.meta)
+    out = tmp_path / "run"
+    result = train_model(model, train_set, val_set, mode="head", epochs=3, lr=1e-2, out_dir=out, **FAST)
+    assert isinstance(result, TrainResult)
+    assert result.epochs_run == 3 and result.start_epoch == 0
+    assert [e["epoch"] for e in result.history] == [0, 1, 2]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.cache_seconds > 0
+    assert result.best_val_acc == max(e["val_acc"] for e in result.history)
+    for k, v in model.backbone.state_dict().items():  # head-only training leaves the backbone alone
+        assert torch.equal(v, backbone_before[k]), k
+    assert all(p.requires_grad for p in model.parameters())  # and gives it back unfrozen
+    assert result.checkpoint == out / "model.safetensors"
+    loaded, extra = load_checkpoint(result.checkpoint)
+    assert extra["mode"] == "head" and extra["epochs"] == 3
+    assert extra["val_acc"] == pytest.approx(result.best_val_acc)
+    for k, v in loaded.state_dict().items():  # the returned model holds the exported (best) weights
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+    assert list(out.glob("logs/version_*/metrics.csv")) and list((out / "cache").glob("maps-*.npy"))
+
+    # Resume: epochs count on from the previous run, and the maps come from the cache.
+    resumed = train_model(_net(), train_set, val_set, mode="head", epochs=4, lr=1e-2, out_dir=out, **FAST)
+    assert resumed.start_epoch == 3 and resumed.epochs_run == 4
+    assert [e["epoch"] for e in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[:3] == result.history
+    assert resumed.cache_seconds == 0.0
+    assert load_checkpoint(resumed.checkpoint)[1]["epochs"] == 4
+
+    with pytest.raises(ValueError, match=r"resume: .*dfs: True -> False"):
+        train_model(_net(dfs=False), train_set, val_set, mode="head", epochs=5, out_dir=out, **FAST)
+    fresh = train_model(_net(dfs=False), train_set, val_set, mode="head", epochs=1, out_dir=out,
+                        resume=False, **FAST)
+    assert fresh.start_epoch == 0 and fresh.epochs_run == 1
+
+
+def test_early_stopping_and_finished_run(data_root, tmp_path):
+    model = _net(dfs=False)
+    train_set, val_set = _sets(data_root, model.backbone.meta)
+    # A negligible learning rate cannot improve val accuracy, so patience 1 stops after epoch 2.
+    result = train_model(model, train_set, val_set, mode="head", epochs=6, lr=1e-12, patience=1,
+                         out_dir=tmp_path, **FAST)
+    assert result.stopped_early and result.epochs_run == 2
+    again = train_model(model, train_set, val_set, mode="head", epochs=6, lr=1e-12, patience=1,
+                        out_dir=tmp_path, **FAST)
+    assert again.stopped_early and again.epochs_run == 2 and again.start_epoch == 2
+
+
+def test_full_mode_trains_backbone(data_root, tmp_path):
+    model = _net()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    aug = build_transforms(model.backbone.meta, train=True, image_size=SIZE)
+    train_set, val_set = _sets(data_root, model.backbone.meta, train_transform=aug)
+    result = train_model(model, train_set, val_set, mode="full", epochs=1, lr=1e-2, backbone_lr_mult=1.0,
+                         out_dir=tmp_path, **FAST)
+    assert result.epochs_run == 1 and result.checkpoint.is_file()
+    assert load_checkpoint(result.checkpoint)[1]["mode"] == "full"
+    changed = [k for k, v in model.backbone.state_dict().items()
+               if k.endswith("weight") and not torch.equal(v, before[k])]
+    assert changed
+
+
+def test_evaluate_accuracy_matches_argmax(data_root):
+    model = _net().eval()
+    _, val_set = _sets(data_root, model.backbone.meta)
+    x = torch.stack([val_set[i][0] for i in range(len(val_set))])
+    with torch.no_grad():
+        expected = float((model(x).argmax(1).numpy() == val_set.targets).mean())
+    assert evaluate_accuracy(model, val_set, batch_size=4) == pytest.approx(expected)
+
+
+def test_train_model_rejects_bad_arguments(data_root, tmp_path):
+    model = _net()
+    train_set, val_set = _sets(data_root, model.backbone.meta)
+    with pytest.raises(ValueError, match="mode"):
+        train_model(model, train_set, val_set, mode="partial", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="val_set"):
+        train_model(model, train_set, Subset(train_set, []), out_dir=tmp_path)
+    with pytest.raises(TypeError, match="model"):
+        train_model(torch.nn.Linear(2, 2), train_set, val_set, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_model(model, train_set, val_set, optimizer="lbfgs", out_dir=tmp_path)
