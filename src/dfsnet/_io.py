@@ -17,7 +17,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     ``os.replace`` is atomic on POSIX and Windows within one filesystem.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(f"path: expected a file to write, but {path} is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file stands where a parent folder should be
+        raise NotADirectoryError(f"path: cannot write {path}: a file is in the way of its folder") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:

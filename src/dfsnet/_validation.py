@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
+from scipy.sparse import issparse
 from sklearn.exceptions import NotFittedError
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "check_positive_int",
     "check_is_fitted",
     "check_choice",
+    "check_seed",
 ]
 
 
@@ -31,9 +33,12 @@ def check_array(
 ) -> np.ndarray:
     """Return ``X`` as a C-contiguous array of ``dtype`` after validating it.
 
+    Sparse matrices and complex values are refused; an object array is accepted when all its
+    items are numbers. A 2-D or higher array needs at least one column.
+
     Parameters
     ----------
-    X : array-like
+    X : array-like, dense
     name : str
         Argument name used in error messages.
     ndim : int
@@ -45,19 +50,35 @@ def check_array(
         Whether NaN and inf are accepted (only meaningful for float input).
     min_rows : int
         Minimum length of the first axis.
+
+    Returns
+    -------
+    ndarray of ``dtype`` (the input's dtype if None), shape of ``X``, C-contiguous
     """
     if X is None:
         raise TypeError(f"{name}: expected an array, got None")
+    if issparse(X):
+        raise TypeError(f"{name}: sparse input is not supported; expected a dense array, got "
+                        f"{type(X).__name__} (convert it with .toarray())")
     try:
         arr = np.asarray(X)
     except Exception as exc:  # ragged lists and similar
         raise TypeError(f"{name}: expected an array-like, got {type(X).__name__} ({exc})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    if arr.dtype == object:
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: expected a numeric array, got dtype object with non-numeric items") from None
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{name}: expected real values, got complex dtype {arr.dtype} (complex data is not supported)")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
     if arr.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
     if arr.shape[0] < min_rows:
         raise ValueError(f"{name}: expected at least {min_rows} row(s), got shape {arr.shape}")
+    if arr.ndim >= 2 and arr.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least 1 column, got shape {arr.shape}")
     if not allow_nonfinite and np.issubdtype(arr.dtype, np.floating):
         finite = np.isfinite(arr)
         if not finite.all():
@@ -76,7 +97,15 @@ def check_array(
 
 
 def check_labels(y, n_samples: int | None = None, *, name: str = "y", min_classes: int = 1) -> np.ndarray:
-    """Validate integer class labels, shape (n,) for single-label or (n, c) 0/1 for multi-label."""
+    """Validate class labels: integers of shape (n,), or a 0/1 multi-label matrix of shape (n, c).
+
+    Integral floats are accepted; ``n_samples`` (if given) must equal n, and single-label
+    input needs ``min_classes`` distinct values.
+
+    Returns
+    -------
+    ndarray of int64, shape (n,), or the (n, c) matrix in its own integer or bool dtype; C-contiguous
+    """
     y = np.asarray(y)
     if y.ndim not in (1, 2):
         raise ValueError(f"{name}: expected a 1-D label vector or a 2-D 0/1 label matrix, got shape {y.shape}")
@@ -102,6 +131,20 @@ def check_positive_int(value, *, name: str, maximum: int | None = None) -> int:
         raise ValueError(f"{name}: expected a positive integer, got {value}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name}: expected at most {maximum}, got {value}")
+    return int(value)
+
+
+def check_seed(value, *, name: str = "random_state") -> int | None:
+    """Return a seed for ``numpy.random.default_rng``: None or an int in ``[0, 2**32)``.
+
+    The upper bound is what scikit-learn estimators (e.g. PCA) accept as ``random_state``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int or None, got {value!r}")
+    if not 0 <= value < 2**32:
+        raise ValueError(f"{name}: expected an int in [0, 2**32) or None, got {value}")
     return int(value)
 
 

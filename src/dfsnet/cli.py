@@ -23,8 +23,8 @@ class UserError(Exception):
 
 
 # Errors that describe a user mistake; anything else is a bug and keeps its traceback.
-_USER_ERRORS = (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-                PermissionError, KeyError, NotFittedError)
+# OSError covers unusable paths (missing, a folder where a file belongs, no permission).
+_USER_ERRORS = (UserError, ValueError, TypeError, OSError, KeyError, NotFittedError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,6 +102,58 @@ def test_missing_files_are_clean_errors(images, tmp_path, capsys):
     _assert_clean_error(code, err, "w.pt")
 
 
+def test_encoder_settings_are_checked_before_training(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    for argv, needles in [
+        (("--hasher", "lsh"), ("hasher: expected one of", "'itq'")),
+        (("--selector", "mrmr"), ("selector: expected one of", "'random'")),
+        (("--bits", "5000"), ("--bits: expected at most the backbone's feature width",)),
+        (("--selector", "none", "--bits", "16"), ("--bits: with --selector none", "one bit per feature")),
+        (("--hasher", "itq", "--bits", "64"), ("--bits: ITQ learns 64 principal directions from the",)),
+    ]:
+        code, _, err = run(capsys, "train", "--data", images, *TINY, "--val-fraction", "0.3", *argv, "--out", out)
+        _assert_clean_error(code, err, "dfsnet train: error:", *needles)
+        assert not (out / "model.safetensors").exists(), argv  # refused before any training
+
+
+def test_selector_none_hashes_every_feature(images, tmp_path, capsys):
+    from dfsnet.hashing import Encoder
+    from dfsnet.models import read_checkpoint_meta
+
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "--data", images, *TINY, "--epochs", "1", "--val-fraction", "0.3",
+                            "--selector", "none", "--out", out)
+    assert code == 0, err
+    encoder = Encoder.load(out / "encoder.npz")
+    assert encoder.selector is None
+    assert encoder.n_bits_ == read_checkpoint_meta(out / "model.safetensors")[0].feature_dim
+
+
+def test_unusable_paths_and_devices_are_clean_errors(images, tmp_path, capsys, monkeypatch):
+    import torch
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "train", "--data", images, *TINY, "--out", blocker)
+    _assert_clean_error(code, err, "--out: expected an output folder", "is a file")
+    code, _, err = run(capsys, "train", "--data", images, *TINY, "--split", tmp_path, "--out", tmp_path / "run")
+    _assert_clean_error(code, err, "path: no such split file")
+
+    torch.manual_seed(0)
+    from dfsnet.models import DFSNet, create_backbone, save_checkpoint
+
+    ckpt = save_checkpoint(DFSNet(create_backbone("test_efficientnet"), 3), tmp_path / "m.safetensors")
+    extract = ["extract", "--model", ckpt, "--data", images, "--image-size", "32"]
+    code, _, err = run(capsys, *extract, "--out", tmp_path)
+    _assert_clean_error(code, err, "--out: expected the path of an .npz file", "is a folder")
+    code, _, err = run(capsys, *extract, "--cache-dir", blocker, "--out", tmp_path / "f.npz")
+    _assert_clean_error(code, err, "cache_dir: expected a folder")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(capsys, *extract, "--device", "cuda", "--out", tmp_path / "f.npz")
+    _assert_clean_error(code, err, "device: got 'cuda', but this machine has 0 usable CUDA device(s)")
+    assert not (tmp_path / "f.npz").exists()
+
+
 def test_help_documents_every_option(capsys):
     for command in ("train", "extract"):
         with pytest.raises(SystemExit):

@@ -158,8 +158,24 @@ def test_load_refuses_another_pool_and_broken_files(tmp_path):
     path.write_text("{")
     with pytest.raises(ValueError, match="not a dfsnet split"):
         Split.load(path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="path: no such split file: .*missing.json"):
         Split.load(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="path: no such split file"):
+        Split.load(tmp_path)  # a folder, which open() reports as IsADirectoryError
+    path.write_bytes(b"\x80\xffbinary")
+    with pytest.raises(ValueError, match="not a dfsnet split file .*UnicodeDecodeError"):
+        Split.load(path)
+
+
+@pytest.mark.parametrize("indices", [[0.5, 1.0], [10**30], "abc", [[1, 2]]])
+def test_load_refuses_indices_that_are_not_integers(tmp_path, indices):
+    path = tmp_path / "s.json"
+    make_split("per-class", TARGETS).save(path)
+    data = json.loads(path.read_text())
+    data["database"] = indices  # float indices were silently truncated to int
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="holds an invalid split: database: expected a 1-D integer index array"):
+        Split.load(path)
 
 
 def test_subset_views_check_the_pool(tmp_path):

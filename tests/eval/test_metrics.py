@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from dfsnet.eval import metrics as M
 from dfsnet.eval.metrics import (
     MapResult,
     average_precision,
@@ -248,12 +247,6 @@ def test_hamming_precision_at_k_expected_ties(rng):
     assert res.precision_at_k == pytest.approx(expected, abs=1e-12)
 
 
-def test_popcount_table_matches_native(rng):
-    x = rng.integers(0, 2**63, (4, 50), dtype=np.uint64) | np.uint64(1 << 63)
-    out = np.empty(x.shape, np.uint8)
-    np.testing.assert_array_equal(M._popcount_table(x, out), [[int(v).bit_count() for v in r] for r in x])
-
-
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_euclidean_map_equals_map_on_explicit_distances(rng, metric):
     q, db = rng.normal(size=(9, 6)), rng.normal(size=(30, 6))
@@ -347,6 +340,11 @@ def test_bad_labels():
         mean_average_precision([[1, 0]], [[0, 2], [1, 0]], distances=[[1, 2]])
     with pytest.raises(TypeError, match="query_labels: expected integer labels"):
         mean_average_precision(["a"], [0, 1], distances=[[1, 2]])
+    # An empty database: from distances and from rankings alike.
+    with pytest.raises(ValueError, match=r"db_labels: expected at least one item, got shape \(0,\)"):
+        mean_average_precision([0, 1], np.zeros(0, int), distances=np.zeros((2, 0)))
+    with pytest.raises(ValueError, match=r"db_labels: expected at least one item"):
+        mean_average_precision([0, 1], np.zeros(0, int), rankings=np.zeros((2, 0), int), k=3)
 
 
 def test_bad_codes_features_and_relevance():

@@ -85,6 +85,11 @@ def test_bad_input(digits_split):
         retrieval_eval(Xtr, ytr, Xq[:, :10], yq, Xdb, ydb, bits=(16,))
     with pytest.raises(ValueError, match="db_labels: expected"):
         retrieval_eval(Xtr, ytr, Xq, yq, Xdb, ydb[:-1], bits=(16,))
+    # Gain ratio needs class labels of the train features: named as train_labels, not as the selector's y.
+    with pytest.raises(ValueError, match="train_labels: expected at least 2 classes, found 1"):
+        retrieval_eval(Xtr, np.zeros_like(ytr), Xq, yq, Xdb, ydb, bits=(16,))
+    with pytest.raises(ValueError, match="train_labels: selector='gain_ratio' needs one class label per item"):
+        retrieval_eval(Xtr, np.eye(10, dtype=int)[ytr], Xq, yq, Xdb, ydb, bits=(16,))
     bad = Xdb.copy()
     bad[3, 5] = np.nan
     with pytest.raises(ValueError, match="db_features: expected finite values"):

@@ -138,3 +138,23 @@ def test_bad_arguments(model, dataset, tmp_path):
         extract_features(model, [(torch.zeros(3, SIZE, SIZE), 0)], cache_dir=tmp_path)
     with pytest.raises(ValueError, match="maps"):
         extract_from_maps(model, np.zeros((2, 3), dtype=np.float32))
+
+
+def test_unusable_device_and_cache_folder_fail_before_any_work(model, dataset, tmp_path, monkeypatch):
+    from dfsnet.train import evaluate_accuracy
+
+    # torch raised a RuntimeError deep in .to() when no CUDA device was there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device: got 'cuda', but this machine has 0 usable CUDA device"):
+        extract_features(model, dataset, device="cuda")
+    with pytest.raises(ValueError, match="device: got 'cuda:1'"):
+        evaluate_accuracy(model, dataset, device="cuda:1")
+    # A file given as the cache folder failed only at the final write, after the extraction.
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError, match=r"cache_dir: expected a folder, but .*not_a_folder is a file"):
+        extract_features(model, dataset, cache_dir=blocker)
+    with pytest.raises(NotADirectoryError, match="cache_dir: expected a folder"):
+        cached_feature_maps(model.backbone, dataset, cache_dir=blocker)
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module .* got object"):
+        evaluate_accuracy(object(), dataset)

@@ -39,6 +39,19 @@ def test_hamming_distances_match_brute_force(rng, n_bits, monkeypatch):
     np.testing.assert_array_equal(got, want)
     monkeypatch.setattr(bits_module, "_BLOCK_BYTES", 1)  # one query row per block
     np.testing.assert_array_equal(hamming_distances(a, b), want)
+    # numpy < 2 has no bitwise_count: the lookup-table popcount must give the same distances.
+    monkeypatch.setattr(bits_module, "popcount", bits_module._popcount_table)
+    np.testing.assert_array_equal(hamming_distances(a, b), want)
+
+
+def test_popcount_table_matches_native(rng):
+    import dfsnet.hashing.bits as bits_module
+
+    x = rng.integers(0, 2**63, (4, 50), dtype=np.uint64) | np.uint64(1 << 63)
+    out = np.empty(x.shape, np.uint8)
+    want = [[int(v).bit_count() for v in r] for r in x]
+    np.testing.assert_array_equal(bits_module._popcount_table(x, out), want)
+    np.testing.assert_array_equal(bits_module.popcount(x, np.empty(x.shape, np.uint8)), want)
 
 
 def test_bad_input():

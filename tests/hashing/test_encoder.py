@@ -76,6 +76,22 @@ def test_encoder_with_given_estimators(data):
         Encoder(selector=None, hasher="itq").fit(X, y)
 
 
+def test_encoder_clones_and_runs_in_a_pipeline(data):
+    from sklearn.base import clone
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = data
+    enc = make_encoder("gain_ratio", "sample_mean", 8, discretizer="uniform")
+    copy = clone(enc)
+    assert copy.selector is not enc.selector and copy.get_params(deep=True).keys() == enc.get_params(deep=True).keys()
+    assert copy.get_params()["selector__discretizer"] == "uniform"
+    pipe = make_pipeline(StandardScaler(), copy).fit(X, y)
+    scaled = StandardScaler().fit(X).transform(X)
+    np.testing.assert_array_equal(pipe.transform(X), enc.fit(scaled, y).transform(scaled))
+    assert pipe.transform(X).shape == (len(X), 1)
+
+
 def test_make_encoder_errors():
     with pytest.raises(ValueError, match=r"selector: expected one of \['gain_ratio', 'random', None\], got 'pca'"):
         make_encoder("pca", "sample_mean", 8)
@@ -176,6 +192,9 @@ def test_load_refuses_inconsistent_contents(saved):
         Encoder.load(saved)
     _rewrite(saved, **{"selector.ranking_": ranking, "hasher.thresholds_": np.zeros(3)})
     with pytest.raises(ValueError, match=r"thresholds_: expected shape \(8,\), got \(3,\)"):
+        Encoder.load(saved)
+    _rewrite(saved, **{"hasher.thresholds_": np.array(["a"] * 8)})
+    with pytest.raises(ValueError, match="hasher.thresholds_: expected a numeric array, found dtype <U1"):
         Encoder.load(saved)
     bad = dict(meta, hasher=dict(meta["hasher"], **{"class": "Pickler"}))
     _rewrite(saved, meta=np.array(json.dumps(bad)), **{"hasher.thresholds_": thresholds})

@@ -58,6 +58,8 @@ def test_threshold_hasher_bad_input():
         h.transform(np.full((1, 4), np.nan))
     with pytest.raises(ValueError, match="X: expected a 2-D array"):
         h.fit(np.zeros(4))
+    with pytest.raises(NotFittedError):  # was an AttributeError: the new rule's thresholds are not learned
+        h.set_params(threshold="feature_mean").transform(X)
 
 
 @pytest.fixture
@@ -109,6 +111,14 @@ def test_itq_bad_input(anisotropic):
         ITQHasher(n_bits=0).fit(X)
     with pytest.raises(ValueError, match="n_iter"):
         ITQHasher(n_bits=4, n_iter=-1).fit(X)
+    with pytest.raises(TypeError, match="n_iter: expected a non-negative integer, got 1.5"):
+        ITQHasher(n_bits=4, n_iter=1.5).fit(X)
+    with pytest.raises(ValueError, match=r"random_state: expected an int in \[0, 2\*\*32\) or None, got -1"):
+        ITQHasher(n_bits=4, random_state=-1).fit(X)
+    with pytest.raises(ValueError, match=r"X: expected at least 2 row\(s\), got shape \(1, 24\)"):
+        ITQHasher(n_bits=1).fit(X[:1])
+    with pytest.raises(ValueError, match="X: every one of the 24 columns is constant"):
+        ITQHasher(n_bits=4).fit(np.ones_like(X))
     with pytest.raises(NotFittedError):
         ITQHasher(n_bits=4).transform(X)
     itq = ITQHasher(n_bits=4, n_iter=2).fit(X)
@@ -116,3 +126,20 @@ def test_itq_bad_input(anisotropic):
         itq.transform(X[:, :23])
     with pytest.raises(TypeError):
         ITQHasher()  # n_bits is required
+
+
+@pytest.mark.parametrize("cls, params", [(MeanThresholdHasher, {"threshold": "feature_median"}),
+                                         (ITQHasher, {"n_bits": 4, "n_iter": 3, "random_state": 2})])
+def test_hashers_clone_and_run_in_a_pipeline(anisotropic, cls, params):
+    from sklearn.base import clone
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    hasher = cls(**params)
+    copy = clone(hasher)
+    assert copy.get_params() == hasher.get_params() and not hasattr(copy, "n_bits_")
+    X = anisotropic
+    pipe = make_pipeline(StandardScaler(), hasher).fit(X)
+    scaled = StandardScaler().fit(X).transform(X)
+    np.testing.assert_array_equal(pipe.transform(X), clone(hasher).fit(scaled).transform(scaled))
+    assert pipe.transform(X).dtype == np.uint8

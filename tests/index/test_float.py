@@ -80,6 +80,7 @@ def test_padding_and_empty(rng):
     (np.ones((2, 4)), ValueError, r"expected vectors of dim=3, got shape \(2, 4\)"),
     (np.ones(3), ValueError, "expected a 2-D array"),
     (np.array([["a", "b", "c"]]), TypeError, "expected a numeric array"),
+    (np.ones((2, 3)) * 1j, ValueError, "expected real values, got complex"),
 ])
 def test_bad_vectors_are_refused(x, exc, match):
     index = FloatIndex(3)

@@ -110,3 +110,24 @@ def test_missing_file(tmp_path):
         HammingIndex.load(tmp_path / "nope.hidx")
     with pytest.raises(FileNotFoundError, match="path: index file not found"):
         FloatIndex.load(tmp_path / "nope.fidx")
+
+
+def test_well_formed_file_with_sections_of_the_wrong_dtype_is_refused(tmp_path):
+    # The checksum proves integrity, not origin: a file written by other code with valid
+    # framing but float ids or codes must still be refused.
+    from dfsnet.index._format import write_container
+
+    header = {"class": "HammingIndex", "n_bits": 8, "kind": "flat", "nlist": None, "nprobe": None, "count": 2}
+    write_container(tmp_path / "float_ids", header, {"ids": np.array([0, 1], np.float32),
+                                                     "codes": np.zeros((2, 1), np.uint8)})
+    with pytest.raises(ValueError, match="is corrupt .*ids of float32"):
+        HammingIndex.load(tmp_path / "float_ids")
+    write_container(tmp_path / "float_codes", header, {"ids": np.array([0, 1], np.int64),
+                                                       "codes": np.zeros((2, 1), np.float32)})
+    with pytest.raises(ValueError, match="is corrupt .*codes of dtype float32"):
+        HammingIndex.load(tmp_path / "float_codes")
+    header = {"class": "FloatIndex", "dim": 1, "metric": "l2", "count": 2}
+    write_container(tmp_path / "byte_vectors", header, {"ids": np.array([0, 1], np.int64),
+                                                        "vectors": np.zeros((2, 1), np.uint8)})
+    with pytest.raises(ValueError, match="is corrupt"):
+        FloatIndex.load(tmp_path / "byte_vectors")

@@ -136,6 +136,12 @@ def test_weights_file_that_is_not_a_state_dict(tmp_path):
     with pytest.raises(ValueError, match="weights: .*garbage.bin"):
         create_backbone("test_efficientnet", weights=garbage)
 
+    # A few stray bytes failed inside torch's unpickler with struct.error, a bare traceback.
+    short = tmp_path / "short.pth"
+    short.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"weights: .*short\.pth is not a state dict"):
+        create_backbone("test_efficientnet", weights=short)
+
 
 class _Evil:
     def __reduce__(self):

@@ -5,6 +5,7 @@ import copy
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -129,6 +130,14 @@ def test_dropout_acts_on_logits_not_on_features(tiny_backbone):
 def test_bad_arguments(tiny_backbone, kwargs, error, match):
     with pytest.raises(error, match=match):
         DFSNet(tiny_backbone, **kwargs)
+
+
+def test_inputs_must_be_tensors(tiny_backbone):
+    net = DFSNet(tiny_backbone, 3).eval()
+    with pytest.raises(TypeError, match=r"x: expected a torch.Tensor of shape \(N, 3, H, W\), got ndarray"):
+        net(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(TypeError, match="fmap: expected a torch.Tensor .* got ndarray"):
+        net.head_forward(np.zeros((1, net.meta.feature_dim, 2, 2), np.float32))
 
 
 def test_backbone_must_be_a_backbone():

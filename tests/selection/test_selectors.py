@@ -88,6 +88,9 @@ def test_unfitted_transform_raises(cls, data):
         ([[1.0], [2.0]], [0.5, 1.0], TypeError, "y: expected integer labels"),
         ([[1.0], [2.0]], [[0, 1], [1, 0]], ValueError, "y: expected a 1-D vector"),
         ([[1.0], [2.0]], None, ValueError, "y: GainRatioSelector needs class labels"),
+        (np.zeros((2, 0)), [0, 1], ValueError, "X: expected at least 1 column"),
+        ([[1 + 1j], [2.0]], [0, 1], ValueError, "X: expected real values, got complex"),
+        (np.array([[1.0], ["a"]], dtype=object), [0, 1], TypeError, "X: expected a numeric array"),
     ],
 )
 def test_gain_ratio_fit_bad_input(X, y, exc, match):
@@ -111,6 +114,8 @@ def test_bad_parameters(data):
         GainRatioSelector(n_bins=1).fit(X, y)
     with pytest.raises(TypeError, match="random_state"):
         RandomSelector(random_state="seed").fit(X)
+    with pytest.raises(ValueError, match=r"random_state: expected an int in \[0, 2\*\*32\) or None, got -1"):
+        RandomSelector(random_state=-1).fit(X)
     with pytest.raises(ValueError, match="y: expected 120 labels"):
         RandomSelector().fit(X, y[:5])
 
@@ -127,3 +132,17 @@ def test_transform_bad_input(cls, data):
         sel.transform(bad)
     with pytest.raises(ValueError, match="X: expected a 2-D array"):
         sel.transform(X[0])
+
+
+def test_sparse_input_is_refused_by_name(data):
+    from scipy.sparse import csr_matrix
+
+    X, y = data
+    with pytest.raises(TypeError, match="X: sparse input is not supported.*toarray"):
+        GainRatioSelector().fit(csr_matrix(X), y)
+
+
+def test_object_array_of_numbers_is_accepted(data):
+    X, y = data
+    as_objects = GainRatioSelector().fit(X.astype(object), y)
+    np.testing.assert_array_equal(as_objects.scores_, GainRatioSelector().fit(X, y).scores_)

@@ -64,6 +64,12 @@ def test_head_training_resume_and_restart(data_root, tmp_path):
     assert resumed.cache_seconds == 0.0
     assert load_checkpoint(resumed.checkpoint)[1]["epochs"] == 4
 
+    # A damaged resume point (e.g. a crash while Lightning wrote it) is a clean error.
+    last = out / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"resume: .*last\.ckpt is unreadable .*resume=False"):
+        train_model(_net(), train_set, val_set, mode="head", epochs=5, lr=1e-2, out_dir=out, **FAST)
+
     with pytest.raises(ValueError, match=r"resume: .*dfs: True -> False"):
         train_model(_net(dfs=False), train_set, val_set, mode="head", epochs=5, out_dir=out, **FAST)
     fresh = train_model(_net(dfs=False), train_set, val_set, mode="head", epochs=1, out_dir=out,
@@ -117,3 +123,15 @@ def test_train_model_rejects_bad_arguments(data_root, tmp_path):
         train_model(torch.nn.Linear(2, 2), train_set, val_set, out_dir=tmp_path)
     with pytest.raises(ValueError, match="optimizer"):
         train_model(model, train_set, val_set, optimizer="lbfgs", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="lr: expected a finite non-negative number, got inf"):
+        train_model(model, train_set, val_set, lr=float("inf"), out_dir=tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError, match="out_dir: expected a folder, but .*file is a file"):
+        train_model(model, train_set, val_set, out_dir=blocker)
+    # Labels beyond the classifier failed deep inside the loss, after caching.
+    torch.manual_seed(0)
+    two_classes = DFSNet(create_backbone("test_efficientnet"), 2)
+    with pytest.raises(ValueError, match=r"train_set: expected class labels in \[0, 2\) .* found labels in \[0, 2\]"):
+        train_model(two_classes, train_set, val_set, out_dir=tmp_path / "two")
+    assert not (tmp_path / "two").exists()

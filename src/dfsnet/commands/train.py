@@ -99,7 +99,8 @@ def _register_train(subparsers) -> None:
     g.add_argument("--precision", help="e.g. 32-true, 16-mixed, bf16-mixed (default: 16-mixed on GPU, else 32-true)")
 
     g = p.add_argument_group("hash encoder")
-    g.add_argument("--bits", type=int, default=128, help="code length (default: %(default)s)")
+    g.add_argument("--bits", type=int, help="code length (default: 128; with --selector none and a threshold "
+                   "hasher, one bit per feature, the backbone's feature width)")
     g.add_argument("--selector", default="gain_ratio", help=f"{_SELECTORS} (default: %(default)s)")
     g.add_argument("--hasher", default="sample_mean", help=f"{_HASHERS} (default: %(default)s)")
 
@@ -145,7 +146,7 @@ def _devices(value: str):
         raise ValueError(f"--devices: expected 'auto', a count or a list like 0,1, got {value!r}") from None
 
 
-def _check_args(args) -> None:
+def _check_args(args, *, out_is_folder: bool) -> None:
     for name in ("batch_size", "epochs", "bits", "image_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -154,6 +155,29 @@ def _check_args(args) -> None:
         raise ValueError(f"--num-workers: expected an integer >= 0, got {args.num_workers}")
     if args.source != "digits" and args.data is None:
         raise ValueError(f"--data: source {args.source!r} needs a dataset folder (ROOT)")
+    # Checked before any training or extraction, which would otherwise be lost at the final write.
+    out = Path(args.out)
+    if out_is_folder and out.exists() and not out.is_dir():
+        raise ValueError(f"--out: expected an output folder, but {out} is a file")
+    if not out_is_folder and out.is_dir():
+        raise ValueError(f"--out: expected the path of an .npz file, but {out} is a folder")
+
+
+def _make_encoder(args, feature_dim: int):
+    """The unfitted encoder of ``--selector``, ``--hasher`` and ``--bits``, validated before training."""
+    from dfsnet.hashing import make_encoder
+
+    selector = None if args.selector in ("none", "None") else args.selector
+    if selector is None and args.hasher != "itq":
+        if args.bits not in (None, feature_dim):
+            raise ValueError(f"--bits: with --selector none, hasher {args.hasher!r} makes one bit per feature, "
+                             f"i.e. {feature_dim} bits for this backbone; got --bits {args.bits}. Choose a "
+                             "selector or --hasher itq for shorter codes")
+        return make_encoder(selector=None, hasher=args.hasher, n_bits=None)
+    n_bits = 128 if args.bits is None else args.bits
+    if n_bits > feature_dim:
+        raise ValueError(f"--bits: expected at most the backbone's feature width {feature_dim}, got {n_bits}")
+    return make_encoder(selector=selector, hasher=args.hasher, n_bits=n_bits)
 
 
 def _train(args) -> int:
@@ -165,11 +189,10 @@ def _train(args) -> int:
     from dfsnet._io import atomic_write_text
     from dfsnet.data import Split, build_transforms, load_pool, make_split
     from dfsnet.features import cached_feature_maps, extract_features_with_mask, extract_from_maps
-    from dfsnet.hashing import make_encoder
     from dfsnet.models import DFSNet, create_backbone, load_checkpoint, read_checkpoint_meta
     from dfsnet.train import evaluate_accuracy, train_model
 
-    _check_args(args)
+    _check_args(args, out_is_folder=True)
     _quiet_lightning(args)
     out = Path(args.out)
     if args.init and args.weights:
@@ -183,6 +206,7 @@ def _train(args) -> int:
         backbone = create_backbone(args.backbone, pretrained=args.pretrained and args.weights is None,
                                    weights=args.weights)
         backbone_meta = backbone.meta
+    encoder = _make_encoder(args, backbone_meta.feature_dim)
     size = args.image_size or backbone_meta.input_size[-1]
     eval_tf = build_transforms(backbone_meta, train=False, image_size=size)
     pool = load_pool(args.source, root=args.data, download=args.download, transform=eval_tf)
@@ -207,6 +231,9 @@ def _train(args) -> int:
     if split.val.size == 0:
         raise ValueError(f"--val-fraction: the {split.protocol} split leaves no validation images "
                          f"({split.sizes()}); raise --val-fraction or use more images per class")
+    if args.hasher == "itq" and encoder.hasher.n_bits > split.train.size:
+        raise ValueError(f"--bits: ITQ learns {encoder.hasher.n_bits} principal directions from the "
+                         f"{split.train.size} training images; expected at most that many bits")
     split.save(out / "split.json")
     train_tf = build_transforms(backbone_meta, train=True, image_size=size) if args.mode == "full" else None
     fit_set = split.subset(pool, "fit", transform=train_tf)
@@ -249,8 +276,7 @@ def _train(args) -> int:
         features, ok = extract_features_with_mask(model, train_set, batch_size=args.batch_size,
                                                   num_workers=args.num_workers, progress=True)
         features, targets = features[ok], train_set.targets[ok]
-    selector = None if args.selector in ("none", "None") else args.selector
-    encoder = make_encoder(selector=selector, hasher=args.hasher, n_bits=args.bits).fit(features, targets)
+    encoder.fit(features, targets)
     encoder.save(out / "encoder.npz")
     print(f"encoder: {out / 'encoder.npz'} ({encoder.n_bits_} bits, fitted on {features.shape[0]} images)")
 
@@ -271,7 +297,7 @@ def _extract(args) -> int:
     from dfsnet.features import extract_features_with_mask
     from dfsnet.models import checkpoint_hash, load_checkpoint
 
-    _check_args(args)
+    _check_args(args, out_is_folder=False)
     model, extra = load_checkpoint(args.model)
     size = args.image_size or extra.get("image_size") or model.meta.input_size[-1]
     transform = build_transforms(model.meta, train=False, image_size=int(size))

@@ -58,7 +58,8 @@ _PROTOCOL_KW = {
 
 
 def labels_fingerprint(targets) -> str:
-    """Identity of a pool known only by its labels: ``"labels:"`` + hash of the int64 labels."""
+    """Identity of a pool known only by its labels, ``targets`` int (n,): ``"labels:"`` + a hash
+    of them as int64."""
     data = np.ascontiguousarray(np.asarray(targets, dtype=np.int64)).tobytes()
     return "labels:" + hashlib.sha256(data).hexdigest()[:20]
 
@@ -207,12 +208,21 @@ class Split:
         ----------
         expect_fingerprint : str, optional
             The pool's fingerprint; a split made for another pool is refused naming both.
+
+        Raises
+        ------
+        FileNotFoundError
+            No file at ``path``.
+        ValueError
+            Not a split file, another format version, invalid contents, or another pool.
         """
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path: no such split file: {path}")
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"path: {path} is not a dfsnet split file (invalid JSON: {exc})") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError (a binary file)
+            raise ValueError(f"path: {path} is not a dfsnet split file ({type(exc).__name__}: {exc})") from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"path: {path} is not a dfsnet split file (no format {_FORMAT!r})")
         if data.get("version") != _VERSION:
@@ -228,7 +238,7 @@ class Split:
             return cls(protocol=data["protocol"], seed=int(data["seed"]),
                        pool_fingerprint=str(data["pool_fingerprint"]), n_pool=int(data["n_pool"]),
                        params=dict(data.get("params") or {}),
-                       **{name: np.asarray(data[name], dtype=np.int64) for name in PARTS})
+                       **{name: np.asarray(data[name]) for name in PARTS})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"path: {path} holds an invalid split: {exc}") from None
 

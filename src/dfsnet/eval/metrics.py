@@ -61,6 +61,7 @@ import numpy as np
 from scipy.special import gammaln
 
 from dfsnet._validation import check_array, check_choice, check_labels, check_positive_int
+from dfsnet.hashing.bits import code_words, popcount
 
 __all__ = [
     "TIES",
@@ -125,10 +126,10 @@ def _check_relevance(relevance, name: str = "relevance") -> tuple[np.ndarray, bo
         raise TypeError(f"{name}: expected an array-like, got {type(relevance).__name__} ({exc})") from None
     if arr.ndim not in (1, 2):
         raise ValueError(f"{name}: expected shape (n,) or (nq, n), got shape {arr.shape}")
+    if arr.shape[-1] == 0:
+        raise ValueError(f"{name}: expected at least one ranked item, got shape {arr.shape}")
     single = arr.ndim == 1
     arr = check_array(arr.reshape(1, -1) if single else arr, name=name, dtype=None)
-    if arr.shape[1] == 0:
-        raise ValueError(f"{name}: expected at least one ranked item, got shape {np.shape(relevance)}")
     if arr.dtype != np.bool_:
         if not np.isin(arr, (0, 1)).all():
             bad = arr[~np.isin(arr, (0, 1))][0]
@@ -402,6 +403,9 @@ class _Relevance:
     def __init__(self, query_labels, db_labels, n_queries: int | None = None, n_db: int | None = None):
         q = check_labels(query_labels, n_queries, name="query_labels")
         db = check_labels(db_labels, n_db, name="db_labels")
+        for name, lab in (("query_labels", q), ("db_labels", db)):
+            if lab.shape[0] == 0:
+                raise ValueError(f"{name}: expected at least one item, got shape {lab.shape}")
         if q.ndim != db.ndim or (q.ndim == 2 and q.shape[1] != db.shape[1]):
             raise ValueError(
                 "query_labels, db_labels: expected the same kind of labels (both (n,) single-label "
@@ -602,31 +606,6 @@ def _check_codes(codes, name: str) -> np.ndarray:
     return arr
 
 
-def _code_words(codes: np.ndarray) -> np.ndarray:
-    """Packed uint8 codes (n, B) as uint64 words (W, n), zero padded; padding adds no distance."""
-    n, n_bytes = codes.shape
-    n_words = -(-n_bytes // 8)
-    padded = np.zeros((n, n_words * 8), dtype=np.uint8)
-    padded[:, :n_bytes] = codes
-    return np.ascontiguousarray(padded.view(np.uint64).T)
-
-
-_POPCOUNT8 = np.array([i.bit_count() for i in range(256)], dtype=np.uint8)
-
-
-def _popcount_table(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Bits set per uint64 of ``x`` (B, n) into ``out`` (B, n), via a byte lookup table."""
-    return _POPCOUNT8[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=out.dtype, out=out)
-
-
-def _popcount_native(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(x, out=out)
-
-
-# np.bitwise_count (numpy >= 2.0) is a hardware popcount, ~10x the lookup table.
-_popcount = _popcount_native if hasattr(np, "bitwise_count") else _popcount_table
-
-
 def hamming_map(query_codes, db_codes, query_labels, db_labels, *, k=None, ties="stable",
                 block_size=None) -> MapResult:
     """mAP of Hamming ranking with packed binary codes, computed in query blocks.
@@ -675,7 +654,7 @@ def _hamming_scores(query_codes, db_codes, query_labels, db_labels, *, ks, ties,
     block = _check_block_size(block_size, _HAMMING_BLOCK)
     n_bits = 8 * q.shape[1]
     dtype = np.uint8 if n_bits <= np.iinfo(np.uint8).max else np.uint16
-    qw, dbw = _code_words(q), _code_words(db)
+    qw, dbw = code_words(q), code_words(db)
     xor = np.empty((block, db.shape[0]), dtype=np.uint64)
     count = np.empty((block, db.shape[0]), dtype=dtype)
     dist = np.empty((block, db.shape[0]), dtype=dtype)
@@ -687,9 +666,9 @@ def _hamming_scores(query_codes, db_codes, query_labels, db_labels, *, ks, ties,
         for w in range(qw.shape[0]):
             np.bitwise_xor(qw[w, rows, None], dbw[w][None, :], out=xor[:b])
             if w == 0:
-                _popcount(xor[:b], out=d)
+                popcount(xor[:b], out=d)
             else:
-                d += _popcount(xor[:b], out=count[:b])
+                d += popcount(xor[:b], out=count[:b])
         scores = _score_distance_block(d, labels, rows, ks, ties, tables, n_values=n_bits + 1)
         acc.add(rows, scores)
     seconds = time.perf_counter() - start

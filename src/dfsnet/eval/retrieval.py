@@ -123,7 +123,13 @@ def retrieval_eval(train_features, train_labels, query_features, query_labels, d
     for name, arr in (("query_features", query), ("db_features", db)):
         if arr.shape[1] != d:
             raise ValueError(f"{name}: expected {d} columns like train_features, got {arr.shape[1]}")
-    train_y = check_labels(train_labels, train.shape[0], name="train_labels")
+    # Gain ratio ranks features against class labels: one label per item, at least two classes.
+    needs_classes = selector == "gain_ratio"
+    train_y = check_labels(train_labels, train.shape[0], name="train_labels",
+                           min_classes=2 if needs_classes else 1)
+    if needs_classes and train_y.ndim != 1:
+        raise ValueError(f"train_labels: selector='gain_ratio' needs one class label per item, shape "
+                         f"({train.shape[0]},), got shape {train_y.shape}")
     query_y = check_labels(query_labels, query.shape[0], name="query_labels")
     db_y = check_labels(db_labels, db.shape[0], name="db_labels")
     k = check_positive_int(k, name="k")

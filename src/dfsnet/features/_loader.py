@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -54,9 +55,23 @@ def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device: expected e.g. 'cpu', 'cuda' or 'cuda:1', got {device!r} ({exc})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ValueError(f"device: got {device!r}, but this machine has {count} usable CUDA device(s); "
+                             "use 'cpu'" + (f" or 'cuda:0'..'cuda:{count - 1}'" if count else ""))
+    return dev
+
+
+def check_cache_dir(cache_dir) -> Path:
+    """``cache_dir`` as a Path; refuses an existing file, before any work is done."""
+    path = Path(cache_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cache_dir: expected a folder, but {path} is a file")
+    return path
 
 
 def check_dataset(dataset, *, name: str = "dataset") -> int:
@@ -92,6 +107,8 @@ def iter_batches(dataset, *, batch_size: int, num_workers: int, device: torch.de
 @contextlib.contextmanager
 def inference_on(model: torch.nn.Module, device: torch.device):
     """Run ``model`` in eval mode on ``device``; restore its mode and device afterwards."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a DFSNet), got {type(model).__name__}")
     was_training = model.training
     original = next((p.device for p in model.parameters()), None)
     model.eval().to(device)

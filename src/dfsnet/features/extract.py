@@ -10,7 +10,7 @@ import torch
 
 from dfsnet._io import atomic_write
 from dfsnet._validation import check_positive_int
-from dfsnet.features._loader import check_dataset, inference_on, iter_batches, resolve_device
+from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
 
 __all__ = ["extract_features", "extract_features_with_mask", "extract_from_maps", "features_cache_path"]
@@ -131,7 +131,7 @@ def features_cache_path(model, dataset, *, cache_dir, cache_key: str | None = No
         )
     key = combine_keys(v=_CACHE_VERSION, model=module_fingerprint(model), data=data,
                        name=cache_key, n=len(dataset))
-    return Path(cache_dir) / f"features-{key}.npz"
+    return check_cache_dir(cache_dir) / f"features-{key}.npz"
 
 
 def extract_from_maps(model, maps, *, batch_size: int = 256, device=None) -> np.ndarray:

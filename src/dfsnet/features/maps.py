@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dfsnet._io import atomic_write
-from dfsnet.features._loader import check_dataset, inference_on, iter_batches, resolve_device
+from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
 
 __all__ = ["FeatureMaps", "cached_feature_maps", "feature_maps_key"]
@@ -102,7 +102,7 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     FeatureMaps
     """
     n = check_dataset(dataset)
-    cache_dir = Path(cache_dir)
+    cache_dir = check_cache_dir(cache_dir)
     key = feature_maps_key(backbone, dataset)
     maps_path = cache_dir / f"maps-{key}.npy"
     meta_path = cache_dir / f"maps-{key}.meta.npz"

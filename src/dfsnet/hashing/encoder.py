@@ -233,6 +233,8 @@ def _rebuild(desc: dict, role: str, contents: dict[str, np.ndarray]):
         key = f"{role}.{attr}"
         if key not in contents:
             raise ValueError(f"{key}: missing from the file")
+        if not np.issubdtype(contents[key].dtype, np.number):
+            raise ValueError(f"{key}: expected a numeric array, found dtype {contents[key].dtype}")
         setattr(estimator, attr, contents[key])
     estimator._validate_fitted_state()
     return estimator

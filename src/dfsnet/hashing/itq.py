@@ -7,7 +7,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
 
-from dfsnet._validation import check_array, check_is_fitted, check_positive_int
+from dfsnet._validation import check_array, check_is_fitted, check_positive_int, check_seed
 
 __all__ = ["ITQHasher"]
 
@@ -31,7 +31,7 @@ class ITQHasher(TransformerMixin, BaseEstimator):
     n_iter : int
         Alternating iterations (0 keeps the random rotation).
     random_state : int or None
-        Seed of the initial rotation and of the PCA solver.
+        Seed of the initial rotation and of the PCA solver, in ``[0, 2**32)``.
 
     Attributes
     ----------
@@ -67,7 +67,8 @@ class ITQHasher(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        X = check_array(X, name="X")
+        # PCA needs two samples to have a direction at all.
+        X = check_array(X, name="X", min_rows=2)
         n, d = X.shape
         n_bits = check_positive_int(self.n_bits, name="n_bits")
         if n_bits > d:
@@ -77,19 +78,21 @@ class ITQHasher(TransformerMixin, BaseEstimator):
             )
         if n_bits > n:
             raise ValueError(f"n_bits: expected at most the {n} training samples for PCA, got {n_bits}")
-        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, (int, np.integer)) or self.n_iter < 0:
-            raise ValueError(f"n_iter: expected a non-negative integer, got {self.n_iter!r}")
-        if self.random_state is not None and (
-            isinstance(self.random_state, bool) or not isinstance(self.random_state, (int, np.integer))
-        ):
-            raise TypeError(f"random_state: expected an int or None, got {self.random_state!r}")
+        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, (int, np.integer)):
+            raise TypeError(f"n_iter: expected a non-negative integer, got {self.n_iter!r}")
+        if self.n_iter < 0:
+            raise ValueError(f"n_iter: expected a non-negative integer, got {self.n_iter}")
+        seed = check_seed(self.random_state)
+        if not np.ptp(X, axis=0).any():
+            raise ValueError(f"X: every one of the {d} columns is constant over the {n} samples; ITQ's PCA "
+                             "needs features that vary")
 
-        pca = PCA(n_components=n_bits, random_state=self.random_state).fit(X)
+        pca = PCA(n_components=n_bits, random_state=seed).fit(X)
         self.mean_ = pca.mean_.astype(np.float64)
         self.components_ = pca.components_.astype(np.float64)
         v = self._project(X).astype(np.float64)
 
-        rng = np.random.default_rng(self.random_state)
+        rng = np.random.default_rng(seed)
         rotation, _ = np.linalg.qr(rng.standard_normal((n_bits, n_bits)))
         losses = []
         for _ in range(int(self.n_iter)):

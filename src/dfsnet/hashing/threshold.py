@@ -90,12 +90,15 @@ class MeanThresholdHasher(TransformerMixin, BaseEstimator):
     def bits(self, X) -> np.ndarray:
         """The codes unpacked: ndarray of bool, shape (n, n_bits_), for X float (n, n_bits_)."""
         check_is_fitted(self, ("n_bits_",))
+        check_choice(self.threshold, THRESHOLDS, name="threshold")
         X = check_array(X, name="X")
         _check_width(X, self.n_bits_)
         if self.threshold == "sample_mean":
             return X >= X.mean(axis=1, keepdims=True, dtype=np.float64)
         if self.threshold == "zero":
             return X > 0
+        # A per-feature rule set with set_params after fitting another rule has no thresholds yet.
+        check_is_fitted(self, ("thresholds_",))
         return X >= self.thresholds_
 
     def _validate_fitted_state(self) -> None:

@@ -201,7 +201,8 @@ class FloatIndex(BaseIndex):
         if dim is not None and check_positive_int(dim, name="dim") != file_dim:
             raise ValueError(f"dim: expected an index of {dim}-d vectors, but {str(path)!r} holds "
                              f"{file_dim}-d vectors")
-        if ids.shape != (count,) or vectors.shape != (count, file_dim):
+        if (ids.shape != (count,) or vectors.shape != (count, file_dim) or ids.dtype != np.int64
+                or vectors.dtype != np.float32):
             raise ValueError(f"path: {str(path)!r} is corrupt (ids or vectors inconsistent with the header)")
         if count:
             index._index.add(vectors)

@@ -206,11 +206,12 @@ class HammingIndex(BaseIndex):
         self._ids = self._sorted_ids = all_ids[order]
 
     def _codes(self) -> np.ndarray:
-        """A copy of the flat index's codes, uint8 (n, code_size), in storage order."""
+        """The flat index's codes, uint8 (n, code_size), in storage order; a view valid until
+        the index changes."""
         n = len(self)
         if not n:
             return np.empty((0, self.code_size), dtype=np.uint8)
-        return faiss.rev_swig_ptr(self._index.xb.data(), n * self.code_size).reshape(n, -1).copy()
+        return faiss.rev_swig_ptr(self._index.xb.data(), n * self.code_size).reshape(n, -1)
 
     def search(self, q, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest codes to each query.
@@ -269,9 +270,7 @@ class HammingIndex(BaseIndex):
                   "nlist": self.nlist, "nprobe": self.nprobe, "count": len(self)}
         sections = {"ids": self._ids}
         if self.kind == "flat":
-            n = len(self)
-            sections["codes"] = (faiss.rev_swig_ptr(self._index.xb.data(), n * self.code_size).reshape(n, -1)
-                                 if n else np.empty((0, self.code_size), dtype=np.uint8))
+            sections["codes"] = self._codes()
         elif self.is_trained:
             sections["ivf"] = faiss.serialize_index_binary(self._index)
         write_container(path, header, sections)
@@ -311,8 +310,10 @@ class HammingIndex(BaseIndex):
         if n_bits is not None and check_positive_int(n_bits, name="n_bits") != file_bits:
             raise ValueError(f"n_bits: expected an index of {n_bits}-bit codes, but {str(path)!r} "
                              f"holds {file_bits}-bit codes")
-        if ids.shape != (count,):
-            raise ValueError(f"path: {str(path)!r} is corrupt (ids of shape {ids.shape} for {count} codes)")
+        if ids.shape != (count,) or ids.dtype != np.int64:
+            raise ValueError(f"path: {str(path)!r} is corrupt (ids of {ids.dtype} {ids.shape} for {count} codes)")
+        if payload is not None and payload.dtype != np.uint8:
+            raise ValueError(f"path: {str(path)!r} is corrupt (codes of dtype {payload.dtype}, not uint8)")
         if kind == "flat":
             if payload.shape != (count, index.code_size) or np.any(ids[1:] <= ids[:-1]):
                 raise ValueError(f"path: {str(path)!r} is corrupt (codes or ids inconsistent)")

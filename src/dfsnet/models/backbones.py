@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import logging
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +139,8 @@ class Backbone(nn.Module):
         torch.Tensor, float, shape (N, meta.feature_dim, h, w)
         """
         channels = self.meta.input_size[0]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor of shape (N, {channels}, H, W), got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"x: expected a batch of shape (N, {channels}, H, W), got {tuple(x.shape)}")
         return self.model.forward_features(x)
@@ -369,7 +370,9 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ValueError(f"weights: {path} is not a readable safetensors file ({exc})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+    # A malformed file fails inside torch's restricted unpickler or zip reader with many exception
+    # types (UnpicklingError, RuntimeError, EOFError, struct.error, ...); weights_only executes no code.
+    except Exception as exc:  # noqa: BLE001
         raise ValueError(f"weights: {path} is not a state dict that loads with torch.load(weights_only=True) "
                          f"({type(exc).__name__}: {exc})") from None
     # Training checkpoints nest the weights one level down.

@@ -313,6 +313,8 @@ class DFSNet(nn.Module):
         torch.Tensor, float, shape (N, D)
         """
         dim = self.meta.feature_dim
+        if not isinstance(fmap, torch.Tensor):
+            raise TypeError(f"fmap: expected a torch.Tensor of shape (N, {dim}, h, w), got {type(fmap).__name__}")
         if fmap.dim() != 4 or fmap.shape[1] != dim:
             raise ValueError(f"fmap: expected a feature map of shape (N, {dim}, h, w), got {tuple(fmap.shape)}")
         return self.pool(self.dfs(fmap)).flatten(1)

@@ -12,6 +12,7 @@ from dfsnet._validation import (
     check_choice,
     check_is_fitted,
     check_positive_int,
+    check_seed,
 )
 from dfsnet.selection.scores import DISCRETIZERS, _check_n_bins, gain_ratio_scores
 
@@ -145,7 +146,7 @@ class RandomSelector(_RankingSelector):
     n_features : int or None
         Number of columns ``transform`` keeps; None keeps all, shuffled.
     random_state : int or None
-        Seed of ``numpy.random.default_rng``; None draws a fresh order on every fit.
+        Seed of ``numpy.random.default_rng``, in ``[0, 2**32)``; None draws a fresh order on every fit.
 
     Attributes
     ----------
@@ -172,13 +173,10 @@ class RandomSelector(_RankingSelector):
         self
         """
         X = check_array(X, name="X")
-        if y is not None and np.shape(y)[:1] != (X.shape[0],):
-            raise ValueError(f"y: expected {X.shape[0]} labels to match X, got shape {np.shape(y)}")
-        if self.random_state is not None and (
-            isinstance(self.random_state, bool) or not isinstance(self.random_state, (int, np.integer))
-        ):
-            raise TypeError(f"random_state: expected an int or None, got {self.random_state!r}")
+        if y is not None and np.asarray(y).shape[:1] != (X.shape[0],):
+            raise ValueError(f"y: expected {X.shape[0]} labels to match X, got shape {np.asarray(y).shape}")
+        seed = check_seed(self.random_state)
         self._check_n_features(X.shape[1])
-        rng = np.random.default_rng(self.random_state)
+        rng = np.random.default_rng(seed)
         self._set_ranking(rng.random(X.shape[1]))
         return self

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from dfsnet._io import atomic_write_text
@@ -190,8 +192,8 @@ def train_model(
     num_nodes = check_positive_int(num_nodes, name="num_nodes")
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum),
                         ("backbone_lr_mult", backbone_lr_mult), ("warmup_epochs", warmup_epochs)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
-            raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name}: expected a finite non-negative number, got {value!r}")
     if lr <= 0:
         raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
     if patience is not None:
@@ -202,11 +204,14 @@ def train_model(
         if ds is None or len(ds) == 0:
             raise ValueError(f"{name}: expected a non-empty dataset, got "
                              f"{'None' if ds is None else 'an empty one'}")
+        _check_label_range(ds, model.meta.num_classes, name)
     if mode == "head" and "Random" in repr(getattr(train_set, "transform", None)):
         logger.warning("train_set: a random (augmenting) transform in head mode is applied once and frozen "
                        "into the feature-map cache; use the evaluation transform")
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir: expected a folder, but {out_dir} is a file")
     ckpt_dir = out_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
     config = _config(model, train_set, val_set, mode=mode, optimizer=optimizer, lr=lr,
@@ -331,9 +336,25 @@ def _check_resumable(path: Path, config: dict) -> None:
                          "use another output folder or resume=False (--no-resume) to start over")
 
 
+def _check_label_range(dataset, num_classes: int, name: str) -> None:
+    """Refuse labels outside ``[0, num_classes)`` before training (they would fail deep inside
+    the loss); datasets without ``targets`` are checked by the loss alone."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return
+    targets = np.asarray(targets)
+    if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"{name}: expected class labels in [0, {num_classes}) for a model with "
+                         f"num_classes={num_classes}, found labels in [{targets.min()}, {targets.max()}]")
+
+
 def _peek(last_ckpt: Path) -> dict:
     """History and early-stop flag of the run saved in ``last_ckpt`` (a file this trainer wrote)."""
-    ckpt = torch.load(last_ckpt, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        ckpt = torch.load(last_ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 -- a truncated file fails in many ways inside torch
+        raise ValueError(f"resume: {last_ckpt} is unreadable ({type(exc).__name__}: {exc}); pass "
+                         "resume=False (--no-resume) to start over") from None
     callbacks = ckpt.get("callbacks", {})
     epochs = next((s.get("epochs", []) for k, s in callbacks.items() if k.startswith("History")), [])
     stopped = any(s.get("stopped_epoch", 0) > 0 for k, s in callbacks.items() if k.startswith("EarlyStopping"))
