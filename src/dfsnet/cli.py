@@ -45,11 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # dfsnet's own progress at INFO by default; other libraries' INFO chatter (faiss's loader,
+    # Lightning's tips) only with -v, and everything at DEBUG with -vv.
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose + 1, 2),
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("dfsnet").setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

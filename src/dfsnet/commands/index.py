@@ -1,5 +1,173 @@
-"""`dfsnet index` sub-commands (placeholder until its issue lands: registers nothing)."""
+"""`dfsnet index build|add|info|verify` and `dfsnet search`: a persistent index of a photo collection."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
 
 
 def register(subparsers) -> None:
-    return None
+    index = subparsers.add_parser(
+        "index", help="build, extend, inspect and verify an image index",
+        description="A persistent index of an image collection: codes, metadata and the model in one folder.")
+    sub = index.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
+
+    build = sub.add_parser("build", help="index a folder of images into a new index folder",
+                           description="Extract deep features of every image under --images, hash them "
+                                       "and store the codes, metadata and model in --out.")
+    build.add_argument("--model", required=True, metavar="CKPT", help="checkpoint from `dfsnet train`")
+    build.add_argument("--images", required=True, metavar="DIR",
+                       help="image folder (searched recursively; sub-folder names are recorded as labels)")
+    build.add_argument("--out", required=True, metavar="INDEX_DIR", help="new index folder")
+    build.add_argument("--bits", type=int, default=None,
+                       help="code length (default: the encoder saved with the checkpoint, or 128 with --fit-on)")
+    build.add_argument("--fit-on", metavar="LABELLED_DIR", default=None,
+                       help="fit the selector and hasher on this labelled folder (ROOT/<class>/<image>) "
+                            "instead of using encoder.npz beside the checkpoint")
+    build.add_argument("--selector", choices=("gain_ratio", "random", "none"), default="gain_ratio",
+                       help="feature selector fitted with --fit-on (default: gain_ratio)")
+    build.add_argument("--hasher", choices=("sample_mean", "feature_mean", "feature_median", "zero", "itq"),
+                       default="sample_mean", help="hasher fitted with --fit-on (default: sample_mean)")
+    build.add_argument("--store-features", action="store_true",
+                       help="also store float features, for `dfsnet search --rerank`")
+    build.add_argument("--image-size", type=int, default=None,
+                       help="network input size (default: the checkpoint's training size)")
+    _add_loader_args(build)
+    build.set_defaults(func=_build)
+
+    add = sub.add_parser("add", help="add new images to an index (skips already indexed content)")
+    add.add_argument("index_dir", metavar="INDEX_DIR")
+    add.add_argument("images", metavar="DIR")
+    add.add_argument("--model", metavar="CKPT", default=None,
+                     help="refuse unless the index was built with this checkpoint")
+    _add_loader_args(add)
+    add.set_defaults(func=_add)
+
+    info = sub.add_parser("info", help="summarise an index")
+    info.add_argument("index_dir", metavar="INDEX_DIR")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+
+    verify = sub.add_parser("verify", help="check an index for consistency (exit 1 on problems)")
+    verify.add_argument("index_dir", metavar="INDEX_DIR")
+    verify.add_argument("--model", metavar="CKPT", default=None,
+                        help="also check that the index was built with this checkpoint")
+    verify.add_argument("--files", choices=("sample", "all", "none"), default="sample",
+                        help="indexed image files to re-hash (default: a sample of 200)")
+    verify.set_defaults(func=_verify)
+
+    search = subparsers.add_parser("search", help="search an index by image",
+                                   description="Print the indexed images nearest to IMAGE.")
+    search.add_argument("index_dir", metavar="INDEX_DIR")
+    search.add_argument("image", metavar="IMAGE")
+    search.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
+    search.add_argument("--rerank", action="store_true",
+                        help="re-order a Hamming shortlist of k x m by Euclidean distance on stored features")
+    search.add_argument("--rerank-factor", type=int, default=10, metavar="M", help="shortlist factor m (default: 10)")
+    search.add_argument("--model", metavar="CKPT", default=None,
+                        help="refuse unless the index was built with this checkpoint")
+    search.add_argument("--json", action="store_true", help="print JSON")
+    search.set_defaults(func=_search)
+
+
+def _add_loader_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
+
+
+def _print_report(verb: str, report) -> None:
+    print(f"{verb} {report.n_added} images ({report.n_duplicates} already indexed, {report.n_bad} unreadable "
+          f"skipped); the index holds {report.count} images (generation {report.generation}) "
+          f"[{report.seconds:.1f} s]")
+    for path in report.bad_paths[:10]:
+        print(f"  unreadable: {path}", file=sys.stderr)
+    if len(report.bad_paths) > 10:
+        print(f"  ... and {len(report.bad_paths) - 10} more", file=sys.stderr)
+
+
+def _build(args) -> int:
+    from dfsnet.pipeline import Pipeline
+
+    selector = None if args.selector == "none" else args.selector
+    pipe = Pipeline.build(args.model, args.images, args.out, bits=args.bits, fit_on=args.fit_on,
+                          selector=selector, hasher=args.hasher, store_features=args.store_features,
+                          image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                          device=args.device, progress=True)
+    _print_report("indexed", pipe.last_report)
+    print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes)")
+    return 0
+
+
+def _add(args) -> int:
+    from dfsnet.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.index_dir, model=args.model, device=args.device)
+    report = pipe.add(args.images, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
+    _print_report("added", report)
+    return 0
+
+
+def _info(args) -> int:
+    from dfsnet.pipeline import Pipeline
+
+    info = Pipeline.load(args.index_dir).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    labels = info["labels"]
+    shown = ", ".join(f"{k if k is not None else '(none)'}: {v}" for k, v in list(labels.items())[:12])
+    rows = [
+        ("index", info["index_dir"]),
+        ("images", f"{info['count']} (generation {info['generation']}, updated {info['updated']})"),
+        ("codes", f"{info['bits']} bits"),
+        ("model", f"{info['backbone']}, {info['num_classes']} classes, {info['feature_dim']}-d features, "
+                  f"input {info['image_size']} px"),
+        ("checkpoint", f"{info['checkpoint']['source']} (hash {info['checkpoint']['hash']})"),
+        ("encoder", f"{info['encoder']['source']} {json.dumps(info['encoder']['params'])}"),
+        ("features", "stored (re-ranking available)" if info["has_features"] else "not stored"),
+        ("labels", f"{len(labels)}: {shown}{' ...' if len(labels) > 12 else ''}"),
+        ("skipped", f"{info['stats']['n_bad']} unreadable, {info['stats']['n_duplicates']} duplicates"),
+        ("size", f"{info['bytes_on_disk'] / 2**20:.1f} MiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _verify(args) -> int:
+    from dfsnet.pipeline import read_manifest, verify_index
+
+    read_manifest(args.index_dir)  # a clear error when it is no index at all
+    report = verify_index(args.index_dir, model=args.model, files=args.files)
+    if report.ok:
+        print(f"ok: {report.count} images, generation {report.generation}, "
+              f"{report.n_files_checked} image files re-hashed")
+        return 0
+    print(f"dfsnet index verify: {len(report.errors)} problem(s) in {args.index_dir}:", file=sys.stderr)
+    for error in report.errors[:20]:
+        print(f"  - {error}", file=sys.stderr)
+    if len(report.errors) > 20:
+        print(f"  ... and {len(report.errors) - 20} more", file=sys.stderr)
+    return 1
+
+
+def _search(args) -> int:
+    from dfsnet.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.index_dir, model=args.model)
+    hits = pipe.search(args.image, k=args.k, rerank=args.rerank, rerank_factor=args.rerank_factor)
+    if args.json:
+        print(json.dumps({"query": args.image, "k": args.k, "rerank": args.rerank,
+                          "hits": [h.to_dict() for h in hits]}, indent=2))
+        return 0
+    header = ["rank", "hamming"] + (["euclid"] if args.rerank else []) + ["label", "path"]
+    rows = [[str(h.rank), str(h.distance)] + ([f"{h.score:.4f}"] if args.rerank else [])
+            + [h.label if h.label is not None else "-", h.path] for h in hits]
+    numeric = 3 if args.rerank else 2
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [f"{c:>{w}}" if i < numeric else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))]
+        print("  ".join([*cells, row[-1]]))
+    return 0

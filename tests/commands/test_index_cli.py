@@ -1,0 +1,198 @@
+"""`dfsnet index build|add|info|verify` and `dfsnet search` end to end, and SIGKILL during `index add`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dfsnet.cli import main
+from tests.conftest import make_image_folder
+
+
+def _checkpoint(folder: Path, seed: int = 0) -> Path:
+    import torch
+
+    from dfsnet.models import DFSNet, create_backbone, save_checkpoint
+
+    torch.manual_seed(seed)
+    net = DFSNet(create_backbone("test_efficientnet", pretrained=False), num_classes=3)
+    return save_checkpoint(net, folder / "best.safetensors", extra={"image_size": 32})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = _checkpoint(root / "model")
+    images = make_image_folder(root / "images", n_classes=3, per_class=4, seed=3)
+    index = root / "index"
+    code = main(["index", "build", "--model", str(ckpt), "--images", str(images), "--out", str(index),
+                 "--bits", "32", "--fit-on", str(images), "--store-features", "--batch-size", "8"])
+    assert code == 0
+    return {"root": root, "ckpt": ckpt, "images": images, "index": index}
+
+
+@pytest.fixture
+def index_copy(built, tmp_path) -> Path:
+    shutil.copytree(built["index"], tmp_path / "index")
+    return tmp_path / "index"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_build_prints_a_summary(built, tmp_path, capsys):
+    code, out, err = run(capsys, "index", "build", "--model", built["ckpt"], "--images", built["images"] / "class_1",
+                         "--out", tmp_path / "idx", "--bits", "16", "--fit-on", built["images"])
+    assert code == 0, err
+    assert "indexed 4 images (0 already indexed, 0 unreadable skipped)" in out
+    assert "16-bit codes" in out
+    assert "features:" in err  # the progress bar
+
+
+def test_info_and_info_json(built, capsys):
+    code, out, _ = run(capsys, "index", "info", built["index"])
+    assert code == 0
+    assert re.search(r"^images\s+12 \(generation 1", out, re.M)
+    assert re.search(r"^codes\s+32 bits", out, re.M) and "stored (re-ranking available)" in out
+    code, out, _ = run(capsys, "index", "info", built["index"], "--json")
+    info = json.loads(out)
+    assert info["count"] == 12 and info["labels"] == {"class_0": 4, "class_1": 4, "class_2": 4}
+
+
+def test_search_prints_a_table_and_json(built, capsys):
+    query = built["images"] / "class_0" / "002.jpg"
+    code, out, err = run(capsys, "search", built["index"], query, "-k", "4")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["rank", "hamming", "label", "path"]
+    rows = [line.split() for line in lines[1:]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"] and rows[0][1] == "0"
+    assert any(r[3] == str(query.resolve()) for r in rows if r[1] == "0")
+    code, out, _ = run(capsys, "search", built["index"], query, "-k", "3", "--json")
+    payload = json.loads(out)
+    assert [h["rank"] for h in payload["hits"]] == [1, 2, 3] and payload["hits"][0]["distance"] == 0
+    code, out, _ = run(capsys, "search", built["index"], query, "-k", "3", "--rerank", "--rerank-factor", "4")
+    header = out.splitlines()[0].split()
+    assert code == 0 and header == ["rank", "hamming", "euclid", "label", "path"]
+    assert out.splitlines()[1].split()[-1] == str(query.resolve())
+
+
+def test_add_then_verify(built, index_copy, tmp_path, capsys):
+    new = make_image_folder(tmp_path / "new", n_classes=2, per_class=2, seed=8)
+    (new / "class_0" / "bad.jpg").write_bytes(b"not an image at all")
+    code, out, err = run(capsys, "index", "add", index_copy, new)
+    assert code == 0, err
+    assert "added 4 images (0 already indexed, 1 unreadable skipped); the index holds 16 images" in out
+    assert "bad.jpg" in err
+    code, out, _ = run(capsys, "index", "add", index_copy, new)
+    assert "added 0 images (4 already indexed, 1 unreadable skipped); the index holds 16" in out
+    code, out, err = run(capsys, "index", "verify", index_copy, "--files", "all", "--model", built["ckpt"])
+    assert code == 0 and out.startswith("ok: 16 images, generation 2, 16 image files re-hashed"), err
+
+
+def test_verify_fails_with_a_clear_message(built, index_copy, tmp_path, capsys):
+    from dfsnet.models import checkpoint_hash
+
+    other = _checkpoint(tmp_path / "other", seed=5)
+    code, _, err = run(capsys, "index", "verify", index_copy, "--model", other)
+    assert code == 1
+    assert checkpoint_hash(other) in err and checkpoint_hash(built["ckpt"]) in err
+    manifest = json.loads((index_copy / "manifest.json").read_text())
+    (index_copy / manifest["files"]["metadata"]).write_bytes(b"SQLite format 3\0" + b"\0" * 100)
+    code, _, err = run(capsys, "index", "verify", index_copy)
+    assert code == 1 and "1 problem(s)" in err and "metadata" in err
+    code, _, err = run(capsys, "index", "verify", tmp_path)
+    assert code == 2 and "not a dfsnet index" in err
+
+
+def test_user_errors_exit_2_with_a_message(built, tmp_path, capsys):
+    other = _checkpoint(tmp_path / "other", seed=6)
+    code, _, err = run(capsys, "index", "add", built["index"], built["images"], "--model", other)
+    assert code == 2 and err.startswith("dfsnet index: error: model: the index") and "hash" in err
+    code, _, err = run(capsys, "search", built["index"], tmp_path / "missing.jpg")
+    assert code == 2 and "no such file" in err
+    (tmp_path / "fake.jpg").write_text("plain text")
+    code, _, err = run(capsys, "search", built["index"], tmp_path / "fake.jpg")
+    assert code == 2 and "not an image of a supported type" in err
+    code, _, err = run(capsys, "search", built["index"], built["images"] / "class_0" / "000.jpg", "-k", "0")
+    assert code == 2 and "k: expected a positive integer" in err
+    code, _, err = run(capsys, "index", "build", "--model", other, "--images", built["images"], "--out",
+                       tmp_path / "x")
+    assert code == 2 and "--fit-on" in err
+    plain = tmp_path / "plain"
+    assert run(capsys, "index", "build", "--model", other, "--images", built["images"], "--out", plain,
+               "--bits", "8", "--fit-on", built["images"])[0] == 0
+    code, _, err = run(capsys, "search", plain, built["images"] / "class_0" / "000.jpg", "--rerank")
+    assert code == 2 and "--store-features" in err
+
+
+def _features_progress(stderr: bytes) -> tuple[int, int] | None:
+    found = re.findall(rb"features:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)", stderr)
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
+def _start_add(index: Path, images: Path, batch_size: int) -> tuple[subprocess.Popen, bytearray]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dfsnet.cli", "index", "add", str(index), str(images),
+                             "--batch-size", str(batch_size)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env)
+    buffer = bytearray()
+
+    def pump():
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            buffer.extend(chunk)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, buffer
+
+
+def _wait_for(proc, buffer, done, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done(_features_progress(bytes(buffer))):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"`dfsnet index add` ended or stalled before the expected progress:\n{bytes(buffer)[-2000:]}")
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigkill_during_index_add_leaves_the_previous_index_loadable(built, index_copy, tmp_path):
+    from dfsnet.pipeline import Pipeline, verify_index
+
+    many = make_image_folder(tmp_path / "many", n_classes=4, per_class=100, size=32, seed=11)
+    before = (index_copy / "manifest.json").read_bytes()
+
+    # Mid-way through feature extraction: 400 one-image batches, killed at the first progress update.
+    proc, buffer = _start_add(index_copy, many, batch_size=1)
+    _wait_for(proc, buffer, lambda p: p is not None and 0 < p[0] < p[1])
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    progress = _features_progress(bytes(buffer))
+    assert progress[0] < progress[1] == 400
+    assert (index_copy / "manifest.json").read_bytes() == before
+    pipe = Pipeline.load(index_copy)
+    assert len(pipe) == 12 and verify_index(index_copy, files="all").ok
+    assert pipe.search(built["images"] / "class_1" / "000.jpg", k=1)[0].distance == 0
+
+    # Right after extraction, in the encode-and-commit window: the old or the new generation
+    # must be complete, whichever the kill left.
+    few = make_image_folder(tmp_path / "few", n_classes=2, per_class=10, size=32, seed=12)
+    proc, buffer = _start_add(index_copy, few, batch_size=4)
+    _wait_for(proc, buffer, lambda p: p is not None and p[0] == p[1])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    report = verify_index(index_copy, files="all")
+    assert report.ok, report.errors
+    assert len(Pipeline.load(index_copy)) in (12, 32)

@@ -1,0 +1,72 @@
+"""The search page in headless Chromium (Debian's chromium + chromium-driver, driven by selenium)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dfsnet.pipeline import Pipeline
+from dfsnet.web import create_app
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        pytest.skip(f"headless Chromium is not installed ({CHROMIUM}, {CHROMEDRIVER}); "
+                    "`apt-get install chromium chromium-driver` (as .ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _loaded_thumbnails(driver) -> list[int]:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#results img')].map(i => i.complete ? i.naturalWidth : 0)")
+
+
+def test_pick_an_image_and_see_result_thumbnails(browser, web_index, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    query = web_index["images"] / "class_1" / "003.jpg"
+    with live_server(create_app(Pipeline.load(web_index["index"]))) as url:
+        browser.get(f"{url}/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: "12 images" in d.find_element(By.ID, "index-info").text)
+        k_input = browser.find_element(By.ID, "k-input")
+        k_input.clear()
+        k_input.send_keys("6")
+        browser.find_element(By.ID, "file-input").send_keys(str(query))
+        wait.until(lambda d: len(_loaded_thumbnails(d)) == 6 and all(w > 0 for w in _loaded_thumbnails(d)))
+        cards = browser.find_elements(By.CSS_SELECTOR, "#results li")
+        assert cards[0].text.startswith("#1 · distance 0")
+        assert any("class_1" in c.text and "003.jpg" in c.text for c in cards if "distance 0" in c.text)
+        assert "6 results of 12" in browser.find_element(By.ID, "status").text
+        assert browser.find_element(By.ID, "query-preview").get_attribute("naturalWidth") != "0"
+        browser.save_screenshot(str(tmp_path / "results.png"))
+
+        # A non-image named .jpg: the page shows the server's message and no results.
+        fake = tmp_path / "fake.jpg"
+        fake.write_text("this is not a picture")
+        browser.find_element(By.ID, "file-input").send_keys(str(fake))
+        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert "not an image of a supported type" in browser.find_element(By.ID, "error").text
+        assert _loaded_thumbnails(browser) == []
