@@ -6,7 +6,8 @@ import io
 import threading
 from collections import OrderedDict
 
-from dfsnet.pipeline import QUERY_FORMATS, ImageRecord
+from dfsnet.images import QUERY_FORMATS
+from dfsnet.pipeline import ImageRecord
 
 _EXIF_ORIENTATION = 0x0112
 

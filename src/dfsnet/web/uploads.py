@@ -6,7 +6,7 @@ import json
 
 from fastapi import HTTPException
 
-from dfsnet.pipeline import ImageTooLargeError, InvalidImageError, open_image
+from dfsnet.images import ImageTooLargeError, InvalidImageError, open_image
 
 # Room for the multipart envelope (boundaries, part headers, the ``k`` field) on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024

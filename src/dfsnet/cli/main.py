@@ -1,6 +1,6 @@
-"""The ``dfsnet`` command line: a thin dispatcher over ``dfsnet.commands``.
+"""The ``dfsnet`` dispatcher.
 
-Each module in ``dfsnet.commands`` exposes ``register(subparsers)``, which adds its
+Each command-group module in ``dfsnet.cli`` exposes ``register(subparsers)``, which adds its
 sub-commands and sets ``func`` on them. Heavy imports (torch, faiss) happen inside the
 command functions so that ``dfsnet --help`` stays fast.
 """
@@ -14,12 +14,9 @@ import sys
 from sklearn.exceptions import NotFittedError
 
 from dfsnet import __version__
+from dfsnet.errors import UserError
 
 COMMAND_MODULES = ("train", "experiment", "index", "serve")
-
-
-class UserError(Exception):
-    """A mistake in the user's input; the CLI prints it without a traceback."""
 
 
 # Errors that describe a user mistake; anything else is a bug and keeps its traceback.
@@ -37,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        module = importlib.import_module(f"dfsnet.commands.{name}")
+        module = importlib.import_module(f"dfsnet.cli.{name}")
         module.register(sub)
     return parser
 
@@ -67,5 +64,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())

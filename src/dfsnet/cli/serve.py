@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 def _serve(args) -> int:
     import uvicorn
 
-    from dfsnet.cli import UserError
+    from dfsnet.errors import UserError
     from dfsnet.pipeline import Pipeline
     from dfsnet.web import create_app
 
