@@ -8,7 +8,7 @@ fitted beforehand on other images and saved beside the checkpoint, as ``dfsnet t
 
 Baseline, measured in the same run on the same files: ``dfsnet.features.extract_features`` over an
 ``ImageList`` of the same paths with the same transform, batch size and workers: the floor of any
-index build. ``Pipeline.build`` adds the folder scan, a SHA-256 of every file, encoding, and the
+index build. ``ImageIndex.build`` adds the folder scan, a SHA-256 of every file, encoding, and the
 crash-safe writes (model copy, codes, SQLite metadata, manifest, each fsynced). The ratio
 build / extraction (images/s) shows that overhead. Runs alternate (extraction, build, ...) after a
 warm-up that reads every file once, and each side's best repeat is compared (the least disturbed
@@ -104,7 +104,7 @@ def main() -> None:
     from dfsnet.data import ImageList, build_transforms, iter_image_files
     from dfsnet.features import extract_features
     from dfsnet.models import load_checkpoint
-    from dfsnet.pipeline import Pipeline
+    from dfsnet.store import ImageIndex
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,7 +128,7 @@ def main() -> None:
             extract_s.append(time.perf_counter() - t)
             out = work / f"index{r}"
             t = time.perf_counter()
-            pipe = Pipeline.build(ckpt, images, out, batch_size=args.batch_size, num_workers=args.num_workers,
+            pipe = ImageIndex.build(ckpt, images, out, batch_size=args.batch_size, num_workers=args.num_workers,
                                   store_features=args.store_features)
             build_s.append(time.perf_counter() - t)
             assert len(pipe) == len(paths), (len(pipe), len(paths))

@@ -7,11 +7,11 @@ whole path: upload, size and content checks, decoding, the model forward pass (E
 offline ImageNet weights, untrained DFS head), encoding and the Hamming search.
 
 Baseline, measured in the same run: the same queries (same bytes, same k) through
-``Pipeline.search`` in this process, from 16 threads as well. The ratio HTTP / in-process (in
+``ImageIndex.search`` in this process, from 16 threads as well. The ratio HTTP / in-process (in
 queries/s) is the cost of the web layer, including the clients' own CPU use on the same 2 cores.
 Measurements alternate (in-process, HTTP, ...) ``--repeats`` times and each side's best is
 reported, the one least disturbed by other load on a shared machine; all runs are in the JSON.
-Also reported: the Hamming search alone (``Pipeline.search_features`` on precomputed features,
+Also reported: the Hamming search alone (``ImageIndex.search_features`` on precomputed features,
 one thread).
 
 Index sizes: 1k real images (CIFAR-10 test images when ../shared/datasets/cifar10 exists, else
@@ -52,11 +52,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_serve.json"
 def extend_with_synthetic_codes(index_dir: Path, total: int, *, seed: int = 0) -> None:
     """Commit a new generation holding ``total`` codes: the real ones plus random codes of the same width.
 
-    Uses the index format's own writers (dfsnet.pipeline internals) so the result is a valid index.
+    Uses the index format's own writers (dfsnet.store's writers) so the result is a valid index.
     """
-    from dfsnet._io import atomic_write_text
     from dfsnet.index import HammingIndex
-    from dfsnet.pipeline import MANIFEST, _gen_name, _write_metadata, read_manifest
+    from dfsnet.store.manifest import generation_file, read_manifest, write_manifest
+    from dfsnet.store.metadata import write_metadata
 
     manifest = read_manifest(index_dir)
     files = dict(manifest["files"])
@@ -68,7 +68,7 @@ def extend_with_synthetic_codes(index_dir: Path, total: int, *, seed: int = 0) -
     ids = np.arange(n0, total, dtype=np.int64)
     index.add(rng.integers(0, 256, (ids.size, index.code_size), dtype=np.uint8), ids=ids)
     generation = manifest["generation"] + 1
-    files["codes"] = _gen_name("codes", generation)
+    files["codes"] = generation_file("codes", generation)
     index.save(index_dir / files["codes"])
     with closing(sqlite3.connect(index_dir / files["metadata"])) as db:
         real = db.execute("SELECT path, size, mtime FROM images ORDER BY id").fetchall()
@@ -77,10 +77,10 @@ def extend_with_synthetic_codes(index_dir: Path, total: int, *, seed: int = 0) -
         path, size, mtime = real[i % n0]
         rows.append((i, path, f"synthetic-{i}", size, mtime, "synthetic"))
     old_metadata = files["metadata"]
-    files["metadata"] = _gen_name("metadata", generation)
-    _write_metadata(index_dir / old_metadata, index_dir / files["metadata"], rows, generation)
+    files["metadata"] = generation_file("metadata", generation)
+    write_metadata(index_dir / old_metadata, index_dir / files["metadata"], rows, generation)
     manifest.update(generation=generation, count=total, files=files)
-    atomic_write_text(index_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_manifest(index_dir, manifest)
 
 
 def percentiles(latencies: list[float]) -> dict:
@@ -204,7 +204,7 @@ def main() -> None:
     import torch
 
     from dfsnet._io import atomic_write_text
-    from dfsnet.pipeline import Pipeline
+    from dfsnet.store import ImageIndex
 
     work = Path(tempfile.mkdtemp(prefix="bench_serve."))
     try:
@@ -214,14 +214,14 @@ def main() -> None:
         queries = [p.read_bytes() for p in sorted(queries_dir.rglob("*.jpg"))]
         ckpt = make_model(work, image_size=args.image_size, bits=args.bits, fit_images=200, batch_size=64)
         base = work / f"index{sizes[0]}"
-        Pipeline.build(ckpt, images, base, batch_size=64)
+        ImageIndex.build(ckpt, images, base, batch_size=64)
         rows = []
         for size in sizes:
             index_dir = work / f"index{size}"
             if size != sizes[0]:
                 shutil.copytree(base, index_dir)
                 extend_with_synthetic_codes(index_dir, size)
-            pipe = Pipeline.load(index_dir)
+            pipe = ImageIndex.load(index_dir)
             assert len(pipe) == size, (len(pipe), size)
             features = pipe.embed(queries[:16])
             search_only = []

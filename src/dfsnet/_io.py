@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager
@@ -34,7 +35,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def commit_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make ``tmp`` (complete, written by another writer, e.g. SQLite) durable and rename it over
+    ``path``: the same guarantee as :func:`atomic_write` for files it cannot write itself."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -47,7 +60,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
     # Makes the rename itself durable; not supported on every platform.
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -55,6 +68,13 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def json_digest(obj, *, length: int = 20) -> str:
+    """Hex SHA-256 prefix of ``obj``'s canonical JSON (sorted keys, no spaces): a cache key or
+    fingerprint that is the same in every process and on every machine."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -169,7 +169,7 @@ def _wait_for(proc, buffer, done, timeout=120.0) -> None:
 
 @pytest.mark.slow
 def test_sigkill_during_index_add_leaves_the_previous_index_loadable(built, index_copy, tmp_path):
-    from dfsnet.pipeline import Pipeline, verify_index
+    from dfsnet.store import ImageIndex, verify_index
 
     many = make_image_folder(tmp_path / "many", n_classes=4, per_class=100, size=32, seed=11)
     before = (index_copy / "manifest.json").read_bytes()
@@ -182,7 +182,7 @@ def test_sigkill_during_index_add_leaves_the_previous_index_loadable(built, inde
     progress = _features_progress(bytes(buffer))
     assert progress[0] < progress[1] == 400
     assert (index_copy / "manifest.json").read_bytes() == before
-    pipe = Pipeline.load(index_copy)
+    pipe = ImageIndex.load(index_copy)
     assert len(pipe) == 12 and verify_index(index_copy, files="all").ok
     assert pipe.search(built["images"] / "class_1" / "000.jpg", k=1)[0].distance == 0
 
@@ -195,4 +195,4 @@ def test_sigkill_during_index_add_leaves_the_previous_index_loadable(built, inde
     proc.wait(timeout=30)
     report = verify_index(index_copy, files="all")
     assert report.ok, report.errors
-    assert len(Pipeline.load(index_copy)) in (12, 32)
+    assert len(ImageIndex.load(index_copy)) in (12, 32)

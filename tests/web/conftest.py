@@ -19,15 +19,15 @@ def web_index(tmp_path_factory) -> dict:
     import torch
 
     from dfsnet.models import DFSNet, create_backbone, save_checkpoint
-    from dfsnet.pipeline import Pipeline
+    from dfsnet.store import ImageIndex
 
     root = tmp_path_factory.mktemp("web")
     torch.manual_seed(0)
     net = DFSNet(create_backbone("test_efficientnet", pretrained=False), num_classes=3)
     ckpt = save_checkpoint(net, root / "model" / "best.safetensors", extra={"image_size": 32})
     images = make_image_folder(root / "images", n_classes=3, per_class=4, size=48, seed=2)
-    Pipeline.build(ckpt, images, root / "index", bits=BITS, fit_on=images, store_features=True, batch_size=12)
-    Pipeline.build(ckpt, images / "class_0", root / "plain", bits=BITS, fit_on=images)
+    ImageIndex.build(ckpt, images, root / "index", bits=BITS, fit_on=images, store_features=True, batch_size=12)
+    ImageIndex.build(ckpt, images / "class_0", root / "plain", bits=BITS, fit_on=images)
     return {"root": root, "ckpt": ckpt, "images": images, "index": root / "index", "plain": root / "plain"}
 
 

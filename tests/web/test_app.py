@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dfsnet.pipeline import Pipeline
+from dfsnet.store import ImageIndex
 from dfsnet.web import DEFAULT_MAX_UPLOAD_BYTES, create_app
 from tests.conftest import make_image_folder
 
@@ -19,8 +19,8 @@ MAX_UPLOAD = 200_000
 
 
 @pytest.fixture(scope="module")
-def pipe(web_index) -> Pipeline:
-    return Pipeline.load(web_index["index"])
+def pipe(web_index) -> ImageIndex:
+    return ImageIndex.load(web_index["index"])
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_no_request_path_reaches_the_filesystem(client, path):
 
 def test_changed_or_missing_indexed_file_is_404_not_500(web_index, tmp_path):
     images = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=1, seed=4)
-    pipe = Pipeline.build(web_index["ckpt"], images, tmp_path / "idx", bits=32, fit_on=web_index["images"])
+    pipe = ImageIndex.build(web_index["ckpt"], images, tmp_path / "idx", bits=32, fit_on=web_index["images"])
     Image.new("RGB", (8, 8)).save(pipe.record(0).path)
     shutil.rmtree(images / "class_1")
     with TestClient(create_app(pipe)) as c:
@@ -221,7 +221,7 @@ def test_server_follows_an_index_add_by_another_process(web_index, tmp_path):
     shutil.copytree(web_index["index"], tmp_path / "index")
     with TestClient(create_app(tmp_path / "index", refresh_interval=0.01)) as c:
         assert c.get("/healthz").json()["count"] == 12
-        Pipeline.load(tmp_path / "index").add(make_image_folder(tmp_path / "more", n_classes=2, per_class=1))
+        ImageIndex.load(tmp_path / "index").add(make_image_folder(tmp_path / "more", n_classes=2, per_class=1))
         time.sleep(0.05)
         assert c.get("/api/info").json()["count"] == 14
         assert c.get("/api/images/13").status_code == 200

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dfsnet.pipeline import Pipeline
+from dfsnet.store import ImageIndex
 from dfsnet.web import create_app
 
 pytestmark = pytest.mark.browser
@@ -47,7 +47,7 @@ def test_pick_an_image_and_see_result_thumbnails(browser, web_index, live_server
     from selenium.webdriver.support.ui import WebDriverWait
 
     query = web_index["images"] / "class_1" / "003.jpg"
-    with live_server(create_app(Pipeline.load(web_index["index"]))) as url:
+    with live_server(create_app(ImageIndex.load(web_index["index"]))) as url:
         browser.get(f"{url}/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: "12 images" in d.find_element(By.ID, "index-info").text)

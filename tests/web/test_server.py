@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import pytest
 
-from dfsnet.pipeline import Pipeline
+from dfsnet.store import ImageIndex
 from dfsnet.web import create_app
 
 N_REQUESTS = 200
@@ -14,7 +14,7 @@ N_REQUESTS = 200
 
 @pytest.mark.slow
 def test_200_parallel_searches_all_succeed(web_index, live_server):
-    pipe = Pipeline.load(web_index["index"])
+    pipe = ImageIndex.load(web_index["index"])
     queries = sorted(web_index["images"].rglob("*.jpg"))
     payloads = [q.read_bytes() for q in queries]
     expected = {i: [h.id for h in pipe.search(p, k=5)] for i, p in enumerate(payloads)}

@@ -87,10 +87,10 @@ def _print_report(verb: str, report) -> None:
 
 
 def _build(args) -> int:
-    from dfsnet.pipeline import Pipeline
+    from dfsnet.store import ImageIndex
 
     selector = None if args.selector == "none" else args.selector
-    pipe = Pipeline.build(args.model, args.images, args.out, bits=args.bits, fit_on=args.fit_on,
+    pipe = ImageIndex.build(args.model, args.images, args.out, bits=args.bits, fit_on=args.fit_on,
                           selector=selector, hasher=args.hasher, store_features=args.store_features,
                           image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
                           device=args.device, progress=True)
@@ -100,18 +100,18 @@ def _build(args) -> int:
 
 
 def _add(args) -> int:
-    from dfsnet.pipeline import Pipeline
+    from dfsnet.store import ImageIndex
 
-    pipe = Pipeline.load(args.index_dir, model=args.model, device=args.device)
+    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device)
     report = pipe.add(args.images, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
     _print_report("added", report)
     return 0
 
 
 def _info(args) -> int:
-    from dfsnet.pipeline import Pipeline
+    from dfsnet.store import ImageIndex
 
-    info = Pipeline.load(args.index_dir).info()
+    info = ImageIndex.load(args.index_dir).info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -137,7 +137,7 @@ def _info(args) -> int:
 
 
 def _verify(args) -> int:
-    from dfsnet.pipeline import read_manifest, verify_index
+    from dfsnet.store import read_manifest, verify_index
 
     read_manifest(args.index_dir)  # a clear error when it is no index at all
     report = verify_index(args.index_dir, model=args.model, files=args.files)
@@ -154,9 +154,9 @@ def _verify(args) -> int:
 
 
 def _search(args) -> int:
-    from dfsnet.pipeline import Pipeline
+    from dfsnet.store import ImageIndex
 
-    pipe = Pipeline.load(args.index_dir, model=args.model)
+    pipe = ImageIndex.load(args.index_dir, model=args.model)
     hits = pipe.search(args.image, k=args.k, rerank=args.rerank, rerank_factor=args.rerank_factor)
     if args.json:
         print(json.dumps({"query": args.image, "k": args.k, "rerank": args.rerank,

@@ -23,15 +23,15 @@ def _serve(args) -> int:
     import uvicorn
 
     from dfsnet.errors import UserError
-    from dfsnet.pipeline import Pipeline
+    from dfsnet.store import ImageIndex
     from dfsnet.web import create_app
 
     if not 0 < args.max_upload_mb <= 4096:
         raise UserError(f"--max-upload-mb: expected a size in (0, 4096] MiB, got {args.max_upload_mb}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port: expected 0..65535, got {args.port}")
-    pipeline = Pipeline.load(args.index_dir, model=args.model, device=args.device)
-    app = create_app(pipeline, max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k)
-    print(f"serving {pipeline.index_dir} ({len(pipeline)} images) on http://{args.host}:{args.port}/", flush=True)
+    index = ImageIndex.load(args.index_dir, model=args.model, device=args.device)
+    app = create_app(index, max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k)
+    print(f"serving {index.index_dir} ({len(index)} images) on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -5,6 +5,7 @@
 - :func:`cached_feature_maps`: the backbone's feature maps, computed once (float16 on disk),
   for head-only training; :func:`extract_from_maps` pools them through the model's head.
 """
+from dfsnet.features._loader import resolve_device
 from dfsnet.features.extract import (
     extract_features,
     extract_features_with_mask,
@@ -24,4 +25,5 @@ __all__ = [
     "FeatureMaps",
     "dataset_fingerprint",
     "module_fingerprint",
+    "resolve_device",
 ]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,8 +52,8 @@ def _collate(batch) -> Batch:
 
 
 def resolve_device(device) -> torch.device:
-    """``None`` -> the first CUDA device when available, else the CPU."""
-    if device is None:
+    """``None`` or ``"auto"`` -> the first CUDA device when available, else the CPU."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)

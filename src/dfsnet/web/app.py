@@ -7,7 +7,7 @@ Endpoints: ``POST /api/search`` (multipart ``file`` + ``k`` + ``rerank``), ``GET
 Security: requests name indexed images by integer id only, so no request path or file name ever
 reaches the filesystem; uploads are capped in bytes before and while reading and in pixels before
 decoding; their type is decided by content. Model inference runs in FastAPI's thread pool (the
-endpoints are synchronous) and is serialised by the pipeline's lock.
+endpoints are synchronous) and is serialised by the index's model lock.
 """
 # No ``from __future__ import annotations``: FastAPI evaluates the endpoint annotations, and
 # ``max_k`` in them is a local of create_app.
@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from dfsnet import __version__
 from dfsnet._validation import check_positive_int
-from dfsnet.pipeline import Pipeline
+from dfsnet.store import ImageIndex
 from dfsnet.web.thumbnails import ThumbnailCache, ThumbnailError
 from dfsnet.web.uploads import MULTIPART_OVERHEAD, BodySizeLimit, decode_upload, read_upload
 
@@ -92,8 +92,8 @@ def _offline_docs_dir() -> Path | None:
 class _Refresher:
     """Follows generations committed by other processes (`dfsnet index add`) at most every ``interval`` s."""
 
-    def __init__(self, pipeline: Pipeline, interval: float):
-        self.pipeline = pipeline
+    def __init__(self, index: ImageIndex, interval: float):
+        self.index = index
         self.interval = interval
         self._last = time.monotonic()
         self._lock = threading.Lock()
@@ -105,9 +105,9 @@ class _Refresher:
             return
         try:
             self._last = time.monotonic()
-            if self.pipeline.refresh():
-                logger.info("serving generation %d (%d images)", self.pipeline.manifest["generation"],
-                            len(self.pipeline))
+            if self.index.refresh():
+                logger.info("serving generation %d (%d images)", self.index.manifest["generation"],
+                            len(self.index))
         except (OSError, ValueError, sqlite3.Error) as exc:
             logger.warning("keeping the loaded index generation: %s", exc)
         finally:
@@ -121,8 +121,8 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
 
     Parameters
     ----------
-    index : path-like or Pipeline
-        An index folder, or a loaded :class:`dfsnet.pipeline.Pipeline`.
+    index : path-like or ImageIndex
+        An index folder, or a loaded :class:`dfsnet.store.ImageIndex`.
     max_upload_bytes : int
         Largest accepted upload (default 20 MiB); larger ones get 413, refused by their
         ``Content-Length`` before reading, or while reading when there is none.
@@ -142,7 +142,7 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
     """
     from PIL import Image
 
-    pipeline = index if isinstance(index, Pipeline) else Pipeline.load(index)
+    index = index if isinstance(index, ImageIndex) else ImageIndex.load(index)
     max_upload_bytes = check_positive_int(max_upload_bytes, name="max_upload_bytes")
     max_k = check_positive_int(max_k, name="max_k")
     if max_image_pixels is None:
@@ -151,7 +151,7 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
     thumbnails = ThumbnailCache(size=check_positive_int(thumbnail_size, name="thumbnail_size"),
                                 capacity=check_positive_int(thumbnail_cache, name="thumbnail_cache"),
                                 max_pixels=max_image_pixels)
-    refresher = _Refresher(pipeline, refresh_interval)
+    refresher = _Refresher(index, refresh_interval)
     docs_dir = _offline_docs_dir()
 
     app = FastAPI(
@@ -161,7 +161,7 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         docs_url=None if docs_dir else "/docs",
         redoc_url=None if docs_dir else "/redoc",
     )
-    app.state.pipeline = pipeline
+    app.state.index = index
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD, paths=("/api/search",))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if docs_dir:
@@ -174,12 +174,12 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
 
     @app.get("/healthz", response_model=Health, summary="Liveness and index size")
     def healthz() -> Health:
-        return Health(status="ok", count=len(pipeline), generation=pipeline.manifest["generation"])
+        return Health(status="ok", count=len(index), generation=index.manifest["generation"])
 
     @app.get("/api/info", response_model=Info, summary="What the index holds")
     def info() -> Info:
         refresher.tick()
-        data = pipeline.info()
+        data = index.info()
         return Info(count=data["count"], bits=data["bits"], backbone=data["backbone"],
                     num_classes=data["num_classes"], has_features=data["has_features"],
                     generation=data["generation"], max_k=max_k, max_upload_bytes=max_upload_bytes,
@@ -200,13 +200,13 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         refresher.tick()
         data = read_upload(file.file, max_bytes=max_upload_bytes)
         image = decode_upload(data, max_pixels=max_image_pixels)
-        if rerank and not pipeline.has_features:
+        if rerank and not index.has_features:
             raise HTTPException(400, "rerank: this index stores no float features; rebuild it with "
                                      "--store-features to re-rank")
-        hits = pipeline.search(image, k=k, rerank=rerank)
+        hits = index.search(image, k=k, rerank=rerank)
         root = request.scope.get("root_path", "")
         return SearchResponse(
-            k=k, rerank=rerank, count=len(pipeline), bits=pipeline.n_bits, seconds=time.perf_counter() - started,
+            k=k, rerank=rerank, count=len(index), bits=index.n_bits, seconds=time.perf_counter() - started,
             hits=[Hit(rank=h.rank, id=h.id, distance=h.distance, score=h.score, label=h.label,
                       name=os.path.basename(h.path), thumbnail_url=f"{root}/api/images/{h.id}") for h in hits],
         )
@@ -217,7 +217,7 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
     def image(image_id: int, request: Request) -> Response:
         refresher.tick()
         try:
-            record = pipeline.record(image_id)
+            record = index.record(image_id)
         except KeyError:
             raise HTTPException(404, f"no image with id {image_id} in the index") from None
         etag = f'"{record.sha256[:32]}-{thumbnails.size}"'

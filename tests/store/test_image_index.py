@@ -1,27 +1,18 @@
-"""dfsnet.pipeline: building, loading, adding to, searching and verifying a persistent index."""
+"""dfsnet.store: building, loading, adding to, searching and verifying a persistent index."""
 from __future__ import annotations
 
 import io
 import json
 import shutil
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dfsnet import pipeline as pipeline_module
-from dfsnet.pipeline import (
-    ImageTooLargeError,
-    InvalidImageError,
-    Pipeline,
-    open_image,
-    read_manifest,
-    verify_index,
-)
+from dfsnet.store import ImageIndex, read_manifest, verify_index
+from dfsnet.store import builder as builder_module
 from tests.conftest import make_image_folder
 
 BITS = 32
@@ -41,11 +32,11 @@ def _tiny_checkpoint(folder: Path, *, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny random-weight checkpoint, a labelled folder and an index built on it (read-only)."""
-    root = tmp_path_factory.mktemp("pipeline")
+    root = tmp_path_factory.mktemp("store")
     ckpt = _tiny_checkpoint(root / "model")
     images = make_image_folder(root / "images", n_classes=3, per_class=4, size=32, seed=1)
     index = root / "index"
-    Pipeline.build(ckpt, images, index, bits=BITS, fit_on=images, store_features=True, batch_size=8)
+    ImageIndex.build(ckpt, images, index, bits=BITS, fit_on=images, store_features=True, batch_size=8)
     return {"root": root, "ckpt": ckpt, "images": images, "index": index}
 
 
@@ -71,7 +62,7 @@ def _encoder_beside(ckpt: Path, images: Path, bits: int) -> Path:
 
 
 def test_build_records_manifest_metadata_and_labels(world):
-    pipe = Pipeline.load(world["index"])
+    pipe = ImageIndex.load(world["index"])
     info = pipe.info()
     assert len(pipe) == info["count"] == 12
     assert info["bits"] == pipe.n_bits == BITS
@@ -91,7 +82,7 @@ def test_build_records_manifest_metadata_and_labels(world):
 
 
 def test_search_finds_the_query_itself_first(world):
-    pipe = Pipeline.load(world["index"])
+    pipe = ImageIndex.load(world["index"])
     query = world["images"] / "class_1" / "002.jpg"
     hits = pipe.search(query, k=5)
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
@@ -109,7 +100,7 @@ def test_search_finds_the_query_itself_first(world):
 def test_search_distances_match_the_codes(world):
     from dfsnet.hashing import hamming_distances
 
-    pipe = Pipeline.load(world["index"])
+    pipe = ImageIndex.load(world["index"])
     query = world["images"] / "class_2" / "000.jpg"
     features = pipe.embed([query])
     code = pipe.encoder.transform(features)
@@ -120,7 +111,7 @@ def test_search_distances_match_the_codes(world):
 
 
 def test_rerank_orders_the_shortlist_by_euclidean_distance(world):
-    pipe = Pipeline.load(world["index"])
+    pipe = ImageIndex.load(world["index"])
     query = world["images"] / "class_0" / "001.jpg"
     hits = pipe.search(query, k=4, rerank=True, rerank_factor=3)
     scores = [h.score for h in hits]
@@ -134,7 +125,7 @@ def test_rerank_orders_the_shortlist_by_euclidean_distance(world):
 
 
 def test_rerank_without_stored_features_is_refused(world, tmp_path):
-    pipe = Pipeline.build(world["ckpt"], world["images"] / "class_0", tmp_path / "idx", bits=BITS,
+    pipe = ImageIndex.build(world["ckpt"], world["images"] / "class_0", tmp_path / "idx", bits=BITS,
                           fit_on=world["images"])
     assert not pipe.has_features and len(pipe) == 4
     assert pipe.info()["labels"] == {None: 4}  # files directly in the folder carry no label
@@ -145,26 +136,26 @@ def test_rerank_without_stored_features_is_refused(world, tmp_path):
 def test_build_uses_the_encoder_saved_beside_the_checkpoint(world, tmp_path):
     ckpt = _tiny_checkpoint(tmp_path / "model")
     with pytest.raises(FileNotFoundError, match="--fit-on"):
-        Pipeline.build(ckpt, world["images"], tmp_path / "a")
+        ImageIndex.build(ckpt, world["images"], tmp_path / "a")
     assert not (tmp_path / "a" / "manifest.json").exists()
     _encoder_beside(ckpt, world["images"], bits=16)
     with pytest.raises(ValueError, match=r"16-bit codes, but 64 bits were requested"):
-        Pipeline.build(ckpt, world["images"], tmp_path / "b", bits=64)
-    pipe = Pipeline.build(ckpt, world["images"], tmp_path / "c")
+        ImageIndex.build(ckpt, world["images"], tmp_path / "b", bits=64)
+    pipe = ImageIndex.build(ckpt, world["images"], tmp_path / "c")
     assert pipe.n_bits == 16 and len(pipe) == 12
     assert pipe.manifest["encoder"]["source"].endswith("encoder.npz")
 
 
 def test_build_refuses_an_existing_index_and_bad_arguments(world, tmp_path):
     with pytest.raises(ValueError, match="already holds an index"):
-        Pipeline.build(world["ckpt"], world["images"], world["index"], fit_on=world["images"])
+        ImageIndex.build(world["ckpt"], world["images"], world["index"], fit_on=world["images"])
     with pytest.raises(ValueError, match="no image files"):
         (tmp_path / "empty").mkdir()
-        Pipeline.build(world["ckpt"], tmp_path / "empty", tmp_path / "x", fit_on=world["images"])
+        ImageIndex.build(world["ckpt"], tmp_path / "empty", tmp_path / "x", fit_on=world["images"])
     with pytest.raises(ValueError, match="256 dimensions"):
-        Pipeline.build(world["ckpt"], world["images"], tmp_path / "y", bits=300, fit_on=world["images"])
+        ImageIndex.build(world["ckpt"], world["images"], tmp_path / "y", bits=300, fit_on=world["images"])
     with pytest.raises(FileNotFoundError):
-        Pipeline.build(tmp_path / "missing.safetensors", world["images"], tmp_path / "z", fit_on=world["images"])
+        ImageIndex.build(tmp_path / "missing.safetensors", world["images"], tmp_path / "z", fit_on=world["images"])
     for name in ("x", "y"):
         leftovers = sorted(p.name for p in (tmp_path / name).iterdir()) if (tmp_path / name).exists() else []
         assert "manifest.json" not in leftovers and "model.safetensors" not in leftovers
@@ -176,19 +167,19 @@ def test_load_refuses_another_checkpoint_or_bit_width(world, tmp_path):
     other = _tiny_checkpoint(tmp_path / "other", seed=1)
     built, found = checkpoint_hash(world["ckpt"]), checkpoint_hash(other)
     with pytest.raises(ValueError, match=f"hash {built}.*hash {found}"):
-        Pipeline.load(world["index"], model=other)
+        ImageIndex.load(world["index"], model=other)
     with pytest.raises(ValueError, match=f"holds {BITS}-bit codes, not 64-bit"):
-        Pipeline.load(world["index"], bits=64)
-    assert len(Pipeline.load(world["index"], model=world["ckpt"], bits=BITS)) == 12
-    pipe = Pipeline.load(world["index"])
+        ImageIndex.load(world["index"], bits=64)
+    assert len(ImageIndex.load(world["index"], model=world["ckpt"], bits=BITS)) == 12
+    pipe = ImageIndex.load(world["index"])
     with pytest.raises(ValueError, match=f"hash {built}.*hash {found}"):
         pipe.add(world["images"], model=other)
     with pytest.raises(FileNotFoundError, match="not a dfsnet index"):
-        Pipeline.load(tmp_path)
+        ImageIndex.load(tmp_path)
 
 
 def test_add_appends_new_images_and_skips_known_content(world, index_copy, tmp_path):
-    pipe = Pipeline.load(index_copy)
+    pipe = ImageIndex.load(index_copy)
     report = pipe.add(world["images"])
     assert (report.n_added, report.n_duplicates, report.n_bad) == (0, 12, 0)
     assert report.generation == 1 and pipe.manifest["generation"] == 1
@@ -214,12 +205,12 @@ def test_add_appends_new_images_and_skips_known_content(world, index_copy, tmp_p
     (only_bad / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     report = pipe.add(only_bad)
     assert (report.n_added, report.n_bad, report.generation, report.count) == (0, 1, 2, 18)
-    reloaded = Pipeline.load(index_copy)
+    reloaded = ImageIndex.load(index_copy)
     assert len(reloaded) == 18 and reloaded.info()["stats"] == {"n_bad": 2, "n_duplicates": 1}
 
 
-def test_a_loaded_pipeline_follows_writes_of_another(world, index_copy, tmp_path):
-    reader, writer = Pipeline.load(index_copy), Pipeline.load(index_copy)
+def test_a_loaded_index_follows_writes_of_another(world, index_copy, tmp_path):
+    reader, writer = ImageIndex.load(index_copy), ImageIndex.load(index_copy)
     writer.add(make_image_folder(tmp_path / "more", n_classes=2, per_class=2, seed=3))
     assert len(reader) == 12
     query = tmp_path / "more" / "class_1" / "001.jpg"
@@ -244,14 +235,14 @@ def test_a_failed_write_leaves_the_previous_index_intact(world, index_copy, tmp_
         raise Crash(fail_at)
 
     target = {"codes": (HammingIndex, "save"), "features": (np, "save"),
-              "metadata": (pipeline_module, "_write_metadata"),
-              "manifest": (pipeline_module, "atomic_write_text")}[fail_at]
+              "metadata": (builder_module, "write_metadata"),
+              "manifest": (builder_module, "write_manifest")}[fail_at]
     with monkeypatch.context() as patch:
         patch.setattr(*target, crash)
         with pytest.raises(Crash):
-            Pipeline.load(index_copy).add(new)
+            ImageIndex.load(index_copy).add(new)
     assert (index_copy / "manifest.json").read_bytes() == before
-    pipe = Pipeline.load(index_copy)
+    pipe = ImageIndex.load(index_copy)
     assert len(pipe) == 12 and verify_index(index_copy, files="all").ok
     # The next write clears the debris of the failed one and succeeds.
     report = pipe.add(new)
@@ -300,7 +291,7 @@ def test_verify_reports_each_kind_of_damage(world, tmp_path, index_copy):
 def test_verify_notices_changed_and_missing_image_files(tmp_path, world):
     images = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=2, seed=9)
     index = tmp_path / "idx"
-    Pipeline.build(world["ckpt"], images, index, bits=BITS, fit_on=world["images"])
+    ImageIndex.build(world["ckpt"], images, index, bits=BITS, fit_on=world["images"])
     assert verify_index(index, files="all").ok
     Image.new("RGB", (32, 32), "white").save(images / "class_0" / "000.jpg")
     (images / "class_1" / "001.jpg").unlink()
@@ -311,7 +302,7 @@ def test_verify_notices_changed_and_missing_image_files(tmp_path, world):
 
 
 def test_concurrent_searches_agree(world):
-    pipe = Pipeline.load(world["index"])
+    pipe = ImageIndex.load(world["index"])
     queries = sorted(world["images"].rglob("*.jpg"))
     expected = [pipe.search(q, k=5) for q in queries]
     results: dict[int, list] = {}
@@ -325,42 +316,3 @@ def test_concurrent_searches_agree(world):
     for t in threads:
         t.join(timeout=120)
     assert len(results) == 6 and all(r == expected for r in results.values())
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` but holds almost no data (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def test_open_image_checks_content_not_names(tmp_path):
-    png = tmp_path / "really_a_png.jpg"
-    Image.new("RGB", (20, 10), "red").save(png, format="PNG")
-    img = open_image(png)
-    assert img.mode == "RGB" and img.size == (20, 10)
-    text = tmp_path / "notes.jpg"
-    text.write_text("hello, not an image")
-    with pytest.raises(InvalidImageError, match="not an image of a supported type"):
-        open_image(text)
-    noisy = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noisy, "PNG")
-    with pytest.raises(InvalidImageError, match="corrupt or truncated"):
-        open_image(noisy.getvalue()[: len(noisy.getvalue()) // 2])
-    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
-    with pytest.raises(InvalidImageError, match="not an image of a supported type"):
-        open_image(eps)  # EPS would run Ghostscript: never tried
-    # PIL only warns between 1x and 2x its limit; open_image refuses.
-    with pytest.raises(ImageTooLargeError, match="decompression-bomb guard"), \
-            pytest.warns(Image.DecompressionBombWarning):
-        open_image(_png_header_only(10_000, 10_000))
-    with pytest.raises(ImageTooLargeError):
-        open_image(_png_header_only(100_000, 100_000))
-    with pytest.raises(ImageTooLargeError, match="more than the limit of 100"):
-        open_image(png, max_pixels=100)
-    with pytest.raises(FileNotFoundError):
-        open_image(tmp_path / "missing.png")
-    with pytest.raises(TypeError):
-        open_image(42)

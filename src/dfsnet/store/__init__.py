@@ -1,0 +1,17 @@
+"""The image index: one folder holding a model, an encoder, Hamming codes and image metadata.
+
+- :mod:`~dfsnet.store.manifest`: the folder layout and its commit point.
+- :mod:`~dfsnet.store.metadata`: per-generation SQLite metadata.
+- :mod:`~dfsnet.store.lock`: the write lock and garbage collection.
+- :mod:`~dfsnet.store.builder`: extract, encode, commit a generation.
+- :mod:`~dfsnet.store.verify`: consistency checks of an index on disk.
+- :mod:`~dfsnet.store.image_index`: the :class:`ImageIndex` facade.
+"""
+from dfsnet.store.builder import AddReport
+from dfsnet.store.image_index import ImageIndex, SearchHit
+from dfsnet.store.manifest import FORMAT_VERSION, read_manifest
+from dfsnet.store.metadata import ImageRecord
+from dfsnet.store.verify import VerifyReport, verify_index
+
+__all__ = ["ImageIndex", "SearchHit", "AddReport", "VerifyReport", "ImageRecord", "read_manifest",
+           "verify_index", "FORMAT_VERSION"]

@@ -1,0 +1,541 @@
+"""``ImageIndex``: a persistent, searchable image index (model + encoder + Hamming codes +
+metadata in one folder).
+
+>>> from dfsnet import ImageIndex
+>>> index = ImageIndex.build("runs/cifar/model.safetensors", "photos/", "photos.index")
+>>> index.add("more_photos/")
+>>> [(h.rank, h.distance, h.path) for h in ImageIndex.load("photos.index").search("query.jpg", k=5)]
+
+Crash safety. Every write produces a new generation: the new codes, metadata and feature chunk
+are written under new names and fsynced, then ``manifest.json`` is replaced atomically
+(``dfsnet._io.atomic_write``: temp file, fsync, rename, directory fsync). A process killed at any
+point leaves either the old manifest, whose files are untouched, or the new one, whose files are
+complete. Files no manifest names (an interrupted write's, or a superseded generation's) are
+removed under the write lock. Writers of one folder are serialised with ``fcntl.flock`` on
+``.lock`` (POSIX). The layout is described in :mod:`dfsnet.store.manifest`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfsnet import __version__
+from dfsnet._io import atomic_write, sha256_file
+from dfsnet._validation import check_positive_int
+from dfsnet.errors import InputError, InputTypeError
+from dfsnet.images import open_image
+from dfsnet.store.builder import AddReport, Builder, scan_images
+from dfsnet.store.lock import collect_garbage, write_lock
+from dfsnet.store.manifest import (
+    ENCODER_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_FILE,
+    check_compatible,
+    encoder_params,
+    now,
+    read_manifest,
+    referenced_files,
+)
+from dfsnet.store.metadata import ImageRecord, MetadataReader
+from dfsnet.store.verify import VerifyReport, verify_index
+
+__all__ = ["ImageIndex", "SearchHit"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchHit:
+    """One search result.
+
+    Attributes
+    ----------
+    rank : int
+        1-based position.
+    id : int
+        The image's id in the index.
+    distance : int
+        Hamming distance between the query's code and the image's.
+    path : str
+        Absolute path of the indexed image file.
+    label : str or None
+        Its class (the sub-folder it was indexed from), when known.
+    score : float or None
+        Euclidean distance between the float features, when re-ranked.
+    """
+
+    rank: int
+    id: int
+    distance: int
+    path: str
+    label: str | None
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Generation:
+    """One committed generation, loaded: immutable, so searches may hold it while a write swaps it."""
+
+    def __init__(self, index_dir: Path, manifest: dict):
+        from dfsnet.index import HammingIndex
+
+        files = manifest["files"]
+        self.manifest = manifest
+        self.generation = int(manifest["generation"])
+        self.count = int(manifest["count"])
+        self.index = HammingIndex.load(index_dir / files["codes"])
+        if len(self.index) != self.count:
+            raise InputError(f"index_dir: {files['codes']} holds {len(self.index)} codes but the manifest "
+                             f"counts {self.count}; run `dfsnet index verify`")
+        self.metadata = MetadataReader(index_dir / files["metadata"])
+        self.chunks: list[np.ndarray] = []
+        self.offsets = np.zeros(1, dtype=np.int64)
+        if files["features"]:
+            self.chunks = [np.load(index_dir / c["file"], mmap_mode="r", allow_pickle=False)
+                           for c in files["features"]]
+            self.offsets = np.cumsum([0] + [c.shape[0] for c in self.chunks])
+
+    @classmethod
+    def load(cls, index_dir: Path) -> _Generation:
+        # A writer may commit and delete the generation whose manifest we just read; then re-read.
+        retries = 4
+        while True:
+            manifest = read_manifest(index_dir)
+            try:
+                return cls(index_dir, manifest)
+            except FileNotFoundError:
+                retries -= 1
+                if retries < 0 or read_manifest(index_dir)["generation"] == manifest["generation"]:
+                    raise
+
+    def features_of(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (len(ids), D): stored features of ``ids``."""
+        chunk = np.searchsorted(self.offsets, ids, side="right") - 1
+        return np.stack([self.chunks[c][i - self.offsets[c]] for c, i in zip(chunk, ids)]).astype(np.float32)
+
+
+class ImageIndex:
+    """Model, encoder, Hamming index and image metadata of one index folder.
+
+    ``ImageIndex(index_dir)`` opens an existing index (the same as :meth:`load`);
+    :meth:`build` creates one. Searching is thread-safe; model inference is serialised by a
+    lock (it uses every core by itself).
+
+    Parameters
+    ----------
+    index_dir : path-like
+    model : path-like, optional
+        A checkpoint the index must have been built with; another one is refused.
+    bits : int, optional
+        The code length the caller expects; another one is refused.
+    device : str or torch.device, optional
+        ``None`` or ``"auto"``: CUDA when available, else the CPU.
+
+    Attributes
+    ----------
+    index_dir : pathlib.Path
+    model : dfsnet.models.DFSNet
+    encoder : dfsnet.hashing.Encoder
+    manifest : dict
+        The committed manifest this object currently serves.
+    last_report : AddReport or None
+        What the last :meth:`build` or :meth:`add` did.
+
+    Raises
+    ------
+    FileNotFoundError
+        No index at ``index_dir``.
+    InputError
+        Built with another checkpoint or bit width, or inconsistent files.
+    """
+
+    def __init__(self, index_dir, *, model=None, bits: int | None = None, device=None):
+        from dfsnet.data import build_transforms
+        from dfsnet.features import resolve_device
+        from dfsnet.hashing import Encoder
+        from dfsnet.models import checkpoint_hash, load_checkpoint
+
+        self.index_dir = Path(index_dir).expanduser().resolve()
+        check_compatible(self.index_dir, read_manifest(self.index_dir), model=model, bits=bits)
+        self._state = _Generation.load(self.index_dir)
+        manifest = self._state.manifest
+        self.device = resolve_device(device)
+        found = checkpoint_hash(self.index_dir / MODEL_FILE)
+        if found != manifest["checkpoint"]["hash"]:
+            raise InputError(f"index_dir: {MODEL_FILE} has hash {found}, but the index was built with checkpoint "
+                             f"hash {manifest['checkpoint']['hash']}; the file was replaced or damaged")
+        self.model = load_checkpoint(self.index_dir / MODEL_FILE, map_location=self.device)[0]
+        if sha256_file(self.index_dir / ENCODER_FILE) != manifest["encoder"]["sha256"]:
+            raise InputError(f"index_dir: {ENCODER_FILE} does not match the sha256 recorded in the manifest; "
+                             "the file was replaced or damaged")
+        self.encoder = Encoder.load(self.index_dir / ENCODER_FILE)
+        if self.encoder.n_bits_ != manifest["bits"]:
+            raise InputError(f"index_dir: {ENCODER_FILE} makes {self.encoder.n_bits_}-bit codes but the "
+                             f"manifest says {manifest['bits']}; run `dfsnet index verify`")
+        self.transform = build_transforms(self.model.meta, train=False, image_size=manifest["image_size"])
+        self._model_lock = threading.Lock()
+        self.last_report: AddReport | None = None
+
+    # ---------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def load(cls, index_dir, *, model=None, bits: int | None = None, device=None) -> ImageIndex:
+        """Open an index folder; see the class parameters."""
+        return cls(index_dir, model=model, bits=bits, device=device)
+
+    @classmethod
+    def build(cls, model_path, images_dir, out_dir, *, bits: int | None = None, fit_on=None,
+              selector: str | None = "gain_ratio", hasher: str = "sample_mean",
+              store_features: bool = False, image_size: int | None = None, batch_size: int = 64,
+              num_workers: int = 0, device=None, progress: bool = False) -> ImageIndex:
+        """Index the images under ``images_dir`` into a new index folder ``out_dir``.
+
+        Parameters
+        ----------
+        model_path : path-like
+            A checkpoint from :func:`dfsnet.models.save_checkpoint` (e.g. ``dfsnet train``'s).
+        images_dir : path-like
+            Folder searched recursively for images. When images sit in sub-folders, the first
+            sub-folder's name is recorded as the label.
+        out_dir : path-like
+            The index folder; must not hold an index already.
+        bits : int, optional
+            Code length. Default: the saved encoder's, or 128 when fitting one. Must agree with
+            the saved encoder when one is used.
+        fit_on : path-like, optional
+            A labelled image folder (``ROOT/<class>/<image>``) to fit the selector and hasher on,
+            instead of the ``encoder.npz`` saved beside the checkpoint by ``dfsnet train``.
+        selector, hasher : str
+            Encoder components when fitting (see :func:`dfsnet.hashing.make_encoder`).
+        store_features : bool
+            Keep the float features (``4 * D`` bytes per image) for ``search(rerank=True)``.
+        image_size : int, optional
+            Network input size; default: the checkpoint's ``extra["image_size"]`` if it
+            records one, else the backbone's native input size.
+        batch_size, num_workers : int
+            Feature-extraction DataLoader settings.
+        device : str or torch.device, optional
+            ``None`` or ``"auto"``: CUDA when available, else the CPU.
+        progress : bool
+            Show progress bars.
+
+        Returns
+        -------
+        ImageIndex
+            Opened on the new index; ``last_report`` says what was indexed.
+        """
+        from dfsnet.features import resolve_device
+        from dfsnet.hashing import Encoder
+        from dfsnet.models import read_checkpoint_meta
+
+        started = time.perf_counter()
+        device = resolve_device(device)
+        model_path = Path(model_path).expanduser().resolve()
+        meta, extra = read_checkpoint_meta(model_path)
+        if bits is not None:
+            bits = check_positive_int(bits, name="bits")
+        if image_size is None:
+            image_size = extra.get("image_size")
+        image_size = check_positive_int(image_size if image_size is not None else meta.input_size[-1],
+                                        name="image_size")
+        out_dir = Path(out_dir).expanduser().resolve()
+        if (out_dir / MANIFEST).exists():
+            raise InputError(f"out_dir: {out_dir} already holds an index; add images with `dfsnet index add` "
+                             "(ImageIndex.add) or choose a new folder")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError(f"out_dir: expected a folder, got the file {out_dir}")
+        files = scan_images(images_dir)
+        if not files:
+            raise InputError(f"images_dir: no image files found under {Path(images_dir).resolve()}")
+        encoder = None
+        if fit_on is None:
+            saved = model_path.parent / ENCODER_FILE
+            if not saved.is_file():
+                raise FileNotFoundError(
+                    f"fit_on: no {ENCODER_FILE} beside the checkpoint ({saved}); train with `dfsnet train`, "
+                    "which saves one, or pass fit_on (--fit-on) with a labelled image folder to fit one")
+            encoder = Encoder.load(saved)
+            if bits is not None and bits != encoder.n_bits_:
+                raise InputError(f"bits: the encoder saved with the checkpoint ({saved}) makes "
+                                 f"{encoder.n_bits_}-bit codes, but {bits} bits were requested; omit bits "
+                                 "(--bits) or fit a new encoder with fit_on (--fit-on)")
+            if encoder.n_features_in_ != meta.feature_dim:
+                raise InputError(f"fit_on: the encoder saved beside the checkpoint ({saved}) takes "
+                                 f"{encoder.n_features_in_} features, but the checkpoint's model makes "
+                                 f"{meta.feature_dim}; it belongs to another model: pass fit_on (--fit-on)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with write_lock(out_dir):
+            if (out_dir / MANIFEST).exists():  # another process built here meanwhile
+                raise InputError(f"out_dir: {out_dir} already holds an index; choose a new folder")
+            collect_garbage(out_dir, None)
+            try:
+                report = _write_first_generation(
+                    model_path, meta, out_dir, files, encoder, bits=bits, fit_on=fit_on, selector=selector,
+                    hasher=hasher, store_features=store_features, image_size=image_size, batch_size=batch_size,
+                    num_workers=num_workers, device=device, progress=progress)
+            finally:
+                if not (out_dir / MANIFEST).exists():  # failed: leave no half-built index behind
+                    for name in (MODEL_FILE, ENCODER_FILE):
+                        (out_dir / name).unlink(missing_ok=True)
+        index = cls(out_dir, device=device)
+        index.last_report = dataclasses.replace(report, seconds=time.perf_counter() - started)
+        logger.info("built %s: %d images, %d-bit codes, %d bad files skipped", out_dir, report.count,
+                    index.n_bits, report.n_bad)
+        return index
+
+    # ---------------------------------------------------------------------------------------
+    # properties
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._state.manifest
+
+    @property
+    def n_bits(self) -> int:
+        return int(self._state.manifest["bits"])
+
+    @property
+    def has_features(self) -> bool:
+        return self._state.manifest["files"]["features"] is not None
+
+    def __len__(self) -> int:
+        return self._state.count
+
+    def __repr__(self) -> str:
+        return f"ImageIndex({str(self.index_dir)!r}, count={len(self)}, bits={self.n_bits})"
+
+    # ---------------------------------------------------------------------------------------
+    # writing
+
+    def add(self, images_dir, *, model=None, batch_size: int = 64, num_workers: int = 0,
+            progress: bool = False) -> AddReport:
+        """Index the images under ``images_dir`` not indexed yet (by content hash).
+
+        Parameters
+        ----------
+        images_dir : path-like
+            Searched recursively; the first sub-folder's name is the label, as in :meth:`build`.
+        model : path-like, optional
+            A checkpoint the caller means to use; refused unless it is the index's.
+        batch_size, num_workers : int
+        progress : bool
+
+        Returns
+        -------
+        AddReport
+        """
+        started = time.perf_counter()
+        check_compatible(self.index_dir, self.manifest, model=model)
+        files = scan_images(images_dir)
+        with write_lock(self.index_dir):
+            self.refresh()
+            collect_garbage(self.index_dir, self.manifest)
+            builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
+                              model_lock=self._model_lock)
+            report = builder.commit(dict(self.manifest), self._state.metadata.hashes(), files, self.encoder,
+                                    batch_size=batch_size, num_workers=num_workers, progress=progress)
+            self.refresh()
+        report.seconds = time.perf_counter() - started
+        self.last_report = report
+        logger.info("added %d images to %s (%d duplicates, %d bad); %d in total", report.n_added,
+                    self.index_dir, report.n_duplicates, report.n_bad, report.count)
+        return report
+
+    def refresh(self) -> bool:
+        """Follow a newer committed generation (written by another process). Returns True if it changed."""
+        manifest = read_manifest(self.index_dir)
+        if manifest["generation"] == self._state.generation:
+            return False
+        check_compatible(self.index_dir, manifest, expect_hash=self._state.manifest["checkpoint"]["hash"])
+        self._state = _Generation.load(self.index_dir)
+        return True
+
+    # ---------------------------------------------------------------------------------------
+    # searching
+
+    def embed(self, images) -> np.ndarray:
+        """Deep features of query images.
+
+        Parameters
+        ----------
+        images : list of (path, bytes or PIL.Image.Image)
+            Paths and bytes are decoded with :func:`dfsnet.images.open_image`.
+
+        Returns
+        -------
+        ndarray of float32, shape (n, D)
+        """
+        import torch
+
+        tensors = [self.transform(open_image(im)) for im in images]
+        if not tensors:
+            raise InputError("images: expected at least one image, got none")
+        batch = torch.stack(tensors).to(self.device)
+        with self._model_lock, torch.inference_mode():
+            out = self.model.features(batch)
+        return np.ascontiguousarray(out.float().cpu().numpy())
+
+    def search(self, image, k: int = 10, *, rerank: bool = False, rerank_factor: int = 10) -> list[SearchHit]:
+        """The ``k`` indexed images nearest to ``image``.
+
+        Parameters
+        ----------
+        image : str, os.PathLike, bytes or PIL.Image.Image
+            The query; paths and bytes are decoded with :func:`dfsnet.images.open_image`.
+        k : int
+            Number of results (fewer when the index is smaller).
+        rerank : bool
+            Take a Hamming shortlist of ``k * rerank_factor`` and order it by the Euclidean
+            distance between float features (needs an index built with ``store_features``).
+        rerank_factor : int
+
+        Returns
+        -------
+        list of SearchHit
+            Ordered by Hamming distance (ties: ascending id), or by Euclidean distance when
+            re-ranked.
+        """
+        self._check_search_args(k, rerank, rerank_factor)
+        return self.search_features(self.embed([image])[0], k, rerank=rerank, rerank_factor=rerank_factor)
+
+    def search_features(self, features, k: int = 10, *, rerank: bool = False,
+                        rerank_factor: int = 10) -> list[SearchHit]:
+        """Like :meth:`search`, for a query given as its deep features.
+
+        Parameters
+        ----------
+        features : array-like of float, shape (D,)
+            E.g. a row of :meth:`embed`'s output.
+        k, rerank, rerank_factor
+            As in :meth:`search`.
+
+        Returns
+        -------
+        list of SearchHit
+        """
+        from dfsnet._validation import check_array
+
+        self._check_search_args(k, rerank, rerank_factor)
+        state = self._state
+        query = check_array(np.asarray(features).reshape(1, -1), name="features")
+        codes = self.encoder.transform(query)
+        shortlist = min(k * rerank_factor if rerank else k, state.count)
+        distances, ids = state.index.search(codes, shortlist)
+        keep = ids[0] >= 0
+        distances, ids = distances[0][keep].astype(np.int64), ids[0][keep]
+        scores = None
+        if rerank and ids.size:
+            scores = np.linalg.norm(state.features_of(ids) - query, axis=1)
+            order = np.lexsort((ids, distances, scores))[:k]
+            distances, ids, scores = distances[order], ids[order], scores[order]
+        records = state.metadata.records(ids)
+        return [SearchHit(rank=r + 1, id=int(i), distance=int(d), path=records[int(i)].path,
+                          label=records[int(i)].label, score=None if scores is None else float(scores[r]))
+                for r, (i, d) in enumerate(zip(ids, distances))]
+
+    def _check_search_args(self, k, rerank, rerank_factor) -> None:
+        check_positive_int(k, name="k")
+        check_positive_int(rerank_factor, name="rerank_factor")
+        if rerank and not self.has_features:
+            raise InputError(f"rerank: the index {self.index_dir} stores no float features; rebuild it with "
+                             "store_features=True (--store-features) to re-rank")
+
+    def record(self, image_id: int) -> ImageRecord:
+        """Metadata of the indexed image ``image_id`` (KeyError if there is none)."""
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)):
+            raise InputTypeError(f"image_id: expected an int, got {type(image_id).__name__}")
+        found = self._state.metadata.records([image_id])
+        if int(image_id) not in found:
+            raise KeyError(f"image_id: no image with id {image_id} in the index (ids are 0..{len(self) - 1})")
+        return found[int(image_id)]
+
+    # ---------------------------------------------------------------------------------------
+    # inspection
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-ready summary: counts, code width, model, encoder, labels, files and sizes."""
+        state = self._state
+        m = state.manifest
+        names = [MANIFEST, *referenced_files(m)]
+        size = sum((self.index_dir / f).stat().st_size for f in names if (self.index_dir / f).exists())
+        return {
+            "index_dir": str(self.index_dir),
+            "generation": state.generation,
+            "count": state.count,
+            "bits": m["bits"],
+            "image_size": m["image_size"],
+            "backbone": m["model"]["backbone"],
+            "num_classes": m["model"]["num_classes"],
+            "feature_dim": m["model"]["feature_dim"],
+            "checkpoint": m["checkpoint"],
+            "encoder": {k: m["encoder"][k] for k in ("source", "fit_on", "params")},
+            "has_features": m["files"]["features"] is not None,
+            "labels": state.metadata.label_counts(),
+            "stats": m["stats"],
+            "created": m["created"],
+            "updated": m["updated"],
+            "bytes_on_disk": size,
+        }
+
+    def verify(self, *, model=None, files: str = "sample", sample_size: int = 200, seed: int = 0) -> VerifyReport:
+        """Check the committed index on disk for consistency; see :func:`dfsnet.store.verify_index`."""
+        return verify_index(self.index_dir, model=model, files=files, sample_size=sample_size, seed=seed)
+
+
+def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encoder, *, bits, fit_on, selector,
+                            hasher, store_features, image_size, batch_size, num_workers, device,
+                            progress) -> AddReport:
+    """Copy the model, fit or copy the encoder and write generation 1 of a new index."""
+    from dfsnet.models import checkpoint_hash
+
+    # The copy makes the index self-contained; its hash is checked on every load.
+    with atomic_write(out_dir / MODEL_FILE) as fh, open(model_path, "rb") as src:
+        shutil.copyfileobj(src, fh, 1 << 20)
+    ckpt = checkpoint_hash(out_dir / MODEL_FILE)
+    if ckpt != checkpoint_hash(model_path):
+        raise RuntimeError(f"model_path: {model_path} changed while it was being copied")
+    builder = Builder.from_checkpoint(out_dir, image_size, device)
+    if encoder is None:
+        encoder = builder.fit_encoder(fit_on, bits=bits, selector=selector, hasher=hasher, batch_size=batch_size,
+                                      num_workers=num_workers, progress=progress)
+    encoder.save(out_dir / ENCODER_FILE)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dfsnet_version": __version__,
+        "generation": 0,
+        "created": now(),
+        "updated": now(),
+        "count": 0,
+        "bits": int(encoder.n_bits_),
+        "image_size": image_size,
+        "checkpoint": {"hash": ckpt, "file": MODEL_FILE, "source": str(model_path)},
+        "model": {"backbone": meta.name, "timm_name": meta.timm_name, "num_classes": meta.num_classes,
+                  "class_names": list(meta.class_names) if meta.class_names else None,
+                  "feature_dim": meta.feature_dim, "dfs": meta.dfs},
+        "encoder": {"file": ENCODER_FILE, "sha256": sha256_file(out_dir / ENCODER_FILE),
+                    "source": "fit_on" if fit_on is not None else str(model_path.parent / ENCODER_FILE),
+                    "fit_on": str(Path(fit_on).resolve()) if fit_on is not None else None,
+                    "params": encoder_params(encoder)},
+        "store_features": bool(store_features),
+        "files": {"codes": None, "metadata": None, "features": [] if store_features else None},
+        "stats": {"n_bad": 0, "n_duplicates": 0},
+    }
+    report = builder.commit(manifest, set(), files, encoder, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress)
+    if report.n_added == 0:
+        raise InputError(f"images_dir: none of the {len(files)} image files could be decoded; "
+                         "no index was written")
+    return report
