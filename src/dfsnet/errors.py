@@ -7,7 +7,7 @@ scikit-learn's conventions ask.
 """
 from __future__ import annotations
 
-__all__ = ["DfsnetError", "UserError", "InputError", "InputTypeError"]
+__all__ = ["DfsnetError", "UserError", "InputError", "InputTypeError", "NotFoundError"]
 
 
 class DfsnetError(Exception):
@@ -24,3 +24,10 @@ class InputError(UserError, ValueError):
 
 class InputTypeError(UserError, TypeError):
     """An argument of the wrong type."""
+
+
+class NotFoundError(UserError, KeyError):
+    """A name or id that does not exist (an image id, a stage)."""
+
+    def __str__(self) -> str:  # KeyError's own str() quotes the message
+        return str(self.args[0]) if self.args else ""

@@ -54,7 +54,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_build_prints_a_summary(built, tmp_path, capsys):
     code, out, err = run(capsys, "index", "build", "--model", built["ckpt"], "--images", built["images"] / "class_1",
-                         "--out", tmp_path / "idx", "--bits", "16", "--fit-on", built["images"])
+                         "--out", tmp_path / "idx", "--bits", "16", "--fit-on", built["images"], "--progress")
     assert code == 0, err
     assert "indexed 4 images (0 already indexed, 0 unreadable skipped)" in out
     assert "16-bit codes" in out
@@ -146,7 +146,7 @@ def _features_progress(stderr: bytes) -> tuple[int, int] | None:
 def _start_add(index: Path, images: Path, batch_size: int) -> tuple[subprocess.Popen, bytearray]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dfsnet.cli", "index", "add", str(index), str(images),
-                             "--batch-size", str(batch_size)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             "--batch-size", str(batch_size), "--progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=env)
     buffer = bytearray()
 
@@ -196,3 +196,34 @@ def test_sigkill_during_index_add_leaves_the_previous_index_loadable(built, inde
     report = verify_index(index_copy, files="all")
     assert report.ok, report.errors
     assert len(ImageIndex.load(index_copy)) in (12, 32)
+
+
+def test_one_convention_for_index_dir_search_and_progress(built, tmp_path, capsys):
+    query = built["images"] / "class_2" / "001.jpg"
+    short = run(capsys, "search", built["index"], query, "-k", "3", "--json")
+    long = run(capsys, "index", "search", built["index"], query, "-k", "3", "--json", "--device", "cpu")
+    assert short[0] == long[0] == 0 and json.loads(short[1]) == json.loads(long[1])
+    # INDEX_DIR positional first; no progress bars when stderr is not a terminal.
+    code, out, err = run(capsys, "index", "build", tmp_path / "idx", "--model", built["ckpt"], "--images",
+                         built["images"] / "class_2", "--bits", "16", "--fit-on", built["images"])
+    assert code == 0 and "indexed 4 images" in out and "features:" not in err
+    code, out, err = run(capsys, "index", "add", tmp_path / "idx", "--images", built["images"] / "class_0",
+                         "--no-progress")
+    assert code == 0 and "added 4 images" in out and "features:" not in err
+    code, _, err = run(capsys, "index", "build", tmp_path / "a", "--out", tmp_path / "b", "--model", built["ckpt"],
+                       "--images", built["images"])
+    assert code == 2 and "INDEX_DIR once" in err
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(built, monkeypatch, capsys):
+    from dfsnet.store import ImageIndex
+
+    code, _, err = run(capsys, "index", "info", built["index"] / "nowhere")
+    assert code == 2 and "Traceback" not in err and "no such folder" in err
+
+    def broken(self):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(ImageIndex, "info", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["index", "info", str(built["index"])])

@@ -1,79 +1,100 @@
-"""`dfsnet index build|add|info|verify` and `dfsnet search`: a persistent index of a photo collection."""
+"""`dfsnet index build|add|info|verify|search` (and `dfsnet search`, its short form): a persistent index of an
+image collection."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
+from dfsnet.cli._common import add_device_arg, add_loader_args, progress_enabled
+from dfsnet.errors import UserError
+from dfsnet.store.verify import FILE_CHECKS
+
 
 def register(subparsers) -> None:
     index = subparsers.add_parser(
-        "index", help="build, extend, inspect and verify an image index",
+        "index", help="build, extend, inspect, verify and search an image index",
         description="A persistent index of an image collection: codes, metadata and the model in one folder.")
     sub = index.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
 
     build = sub.add_parser("build", help="index a folder of images into a new index folder",
                            description="Extract deep features of every image under --images, hash them "
-                                       "and store the codes, metadata and model in --out.")
+                                       "and store the codes, metadata and model in INDEX_DIR.")
+    _add_index_dir(build, new=True)
     build.add_argument("--model", required=True, metavar="CKPT", help="checkpoint from `dfsnet train`")
     build.add_argument("--images", required=True, metavar="DIR",
                        help="image folder (searched recursively; sub-folder names are recorded as labels)")
-    build.add_argument("--out", required=True, metavar="INDEX_DIR", help="new index folder")
     build.add_argument("--bits", type=int, default=None,
                        help="code length (default: the encoder saved with the checkpoint, or 128 with --fit-on)")
     build.add_argument("--fit-on", metavar="LABELLED_DIR", default=None,
                        help="fit the selector and hasher on this labelled folder (ROOT/<class>/<image>) "
                             "instead of using encoder.npz beside the checkpoint")
     build.add_argument("--selector", choices=("gain_ratio", "random", "none"), default="gain_ratio",
-                       help="feature selector fitted with --fit-on (default: gain_ratio)")
+                       help="feature selector fitted with --fit-on (default: %(default)s)")
     build.add_argument("--hasher", choices=("sample_mean", "feature_mean", "feature_median", "zero", "itq"),
-                       default="sample_mean", help="hasher fitted with --fit-on (default: sample_mean)")
+                       default="sample_mean", help="hasher fitted with --fit-on (default: %(default)s)")
     build.add_argument("--store-features", action="store_true",
                        help="also store float features, for `dfsnet search --rerank`")
     build.add_argument("--image-size", type=int, default=None,
                        help="network input size (default: the checkpoint's training size)")
-    _add_loader_args(build)
+    add_loader_args(build)
     build.set_defaults(func=_build)
 
     add = sub.add_parser("add", help="add new images to an index (skips already indexed content)")
-    add.add_argument("index_dir", metavar="INDEX_DIR")
-    add.add_argument("images", metavar="DIR")
+    _add_index_dir(add)
+    add.add_argument("images", metavar="DIR", nargs="?", help="image folder (or --images DIR)")
+    add.add_argument("--images", dest="images_flag", metavar="DIR", help=argparse.SUPPRESS)
     add.add_argument("--model", metavar="CKPT", default=None,
                      help="refuse unless the index was built with this checkpoint")
-    _add_loader_args(add)
+    add_loader_args(add)
     add.set_defaults(func=_add)
 
     info = sub.add_parser("info", help="summarise an index")
-    info.add_argument("index_dir", metavar="INDEX_DIR")
+    _add_index_dir(info)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
 
     verify = sub.add_parser("verify", help="check an index for consistency (exit 1 on problems)")
-    verify.add_argument("index_dir", metavar="INDEX_DIR")
+    _add_index_dir(verify)
     verify.add_argument("--model", metavar="CKPT", default=None,
                         help="also check that the index was built with this checkpoint")
-    verify.add_argument("--files", choices=("sample", "all", "none"), default="sample",
+    verify.add_argument("--files", choices=FILE_CHECKS, default="sample",
                         help="indexed image files to re-hash (default: a sample of 200)")
     verify.set_defaults(func=_verify)
 
-    search = subparsers.add_parser("search", help="search an index by image",
+    # `dfsnet index search` and its short form `dfsnet search` are one command.
+    for parent in (sub, subparsers):
+        search = parent.add_parser("search", help="search an index by image",
                                    description="Print the indexed images nearest to IMAGE.")
-    search.add_argument("index_dir", metavar="INDEX_DIR")
-    search.add_argument("image", metavar="IMAGE")
-    search.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
-    search.add_argument("--rerank", action="store_true",
-                        help="re-order a Hamming shortlist of k x m by Euclidean distance on stored features")
-    search.add_argument("--rerank-factor", type=int, default=10, metavar="M", help="shortlist factor m (default: 10)")
-    search.add_argument("--model", metavar="CKPT", default=None,
-                        help="refuse unless the index was built with this checkpoint")
-    search.add_argument("--json", action="store_true", help="print JSON")
-    search.set_defaults(func=_search)
+        _add_index_dir(search)
+        search.add_argument("image", metavar="IMAGE")
+        search.add_argument("-k", type=int, default=10, help="number of results (default: %(default)s)")
+        search.add_argument("--rerank", action="store_true",
+                            help="re-order a Hamming shortlist of k x m by Euclidean distance on stored features")
+        search.add_argument("--rerank-factor", type=int, default=10, metavar="M",
+                            help="shortlist factor m (default: %(default)s)")
+        search.add_argument("--model", metavar="CKPT", default=None,
+                            help="refuse unless the index was built with this checkpoint")
+        search.add_argument("--json", action="store_true", help="print JSON")
+        add_device_arg(search)
+        search.set_defaults(func=_search)
 
 
-def _add_loader_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
-    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
+def _add_index_dir(parser: argparse.ArgumentParser, *, new: bool = False) -> None:
+    if new:  # `--out` kept as a spelling of the same positional for scripts written against it
+        parser.add_argument("index_dir", metavar="INDEX_DIR", nargs="?", help="new index folder (or --out)")
+        parser.add_argument("--out", dest="out", metavar="INDEX_DIR", help=argparse.SUPPRESS)
+    else:
+        parser.add_argument("index_dir", metavar="INDEX_DIR", help="index folder")
+
+
+def _one_of(args, positional: str, flag: str, what: str) -> str:
+    """The value given either as the positional or as its flag spelling, exactly once."""
+    given = [v for v in (getattr(args, positional), getattr(args, flag)) if v is not None]
+    if len(given) != 1:
+        raise UserError(f"{what}: expected {what.upper()} once, as a positional argument or a flag; "
+                        f"got it {len(given)} times")
+    return given[0]
 
 
 def _print_report(verb: str, report) -> None:
@@ -90,10 +111,11 @@ def _build(args) -> int:
     from dfsnet.store import ImageIndex
 
     selector = None if args.selector == "none" else args.selector
-    pipe = ImageIndex.build(args.model, args.images, args.out, bits=args.bits, fit_on=args.fit_on,
-                          selector=selector, hasher=args.hasher, store_features=args.store_features,
-                          image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
-                          device=args.device, progress=True)
+    out = _one_of(args, "index_dir", "out", "index_dir")
+    pipe = ImageIndex.build(args.model, args.images, out, bits=args.bits, fit_on=args.fit_on,
+                            selector=selector, hasher=args.hasher, store_features=args.store_features,
+                            image_size=args.image_size, batch_size=args.batch_size,
+                            num_workers=args.num_workers, device=args.device, progress=progress_enabled(args))
     _print_report("indexed", pipe.last_report)
     print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes)")
     return 0
@@ -103,7 +125,9 @@ def _add(args) -> int:
     from dfsnet.store import ImageIndex
 
     pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device)
-    report = pipe.add(args.images, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
+    images = _one_of(args, "images", "images_flag", "images")
+    report = pipe.add(images, batch_size=args.batch_size, num_workers=args.num_workers,
+                      progress=progress_enabled(args))
     _print_report("added", report)
     return 0
 
@@ -111,7 +135,7 @@ def _add(args) -> int:
 def _info(args) -> int:
     from dfsnet.store import ImageIndex
 
-    info = ImageIndex.load(args.index_dir).info()
+    info = ImageIndex.load(args.index_dir, device="cpu").info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -156,7 +180,7 @@ def _verify(args) -> int:
 def _search(args) -> int:
     from dfsnet.store import ImageIndex
 
-    pipe = ImageIndex.load(args.index_dir, model=args.model)
+    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device)
     hits = pipe.search(args.image, k=args.k, rerank=args.rerank, rerank_factor=args.rerank_factor)
     if args.json:
         print(json.dumps({"query": args.image, "k": args.k, "rerank": args.rerank,

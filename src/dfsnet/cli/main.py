@@ -18,10 +18,12 @@ from dfsnet.errors import UserError
 
 COMMAND_MODULES = ("train", "experiment", "index", "serve")
 
+logger = logging.getLogger("dfsnet.cli")
 
-# Errors that describe a user mistake; anything else is a bug and keeps its traceback.
-# OSError covers unusable paths (missing, a folder where a file belongs, no permission).
-_USER_ERRORS = (UserError, ValueError, TypeError, OSError, KeyError, NotFittedError)
+# What a user's mistake raises: dfsnet's own error types, and OS errors about the paths given
+# (missing, a folder where a file belongs, no permission). Anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (UserError, OSError, NotFittedError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "information gain rate and hashing (DFS-Net).",
     )
     parser.add_argument("--version", action="version", version=f"dfsnet {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug); also the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"dfsnet.cli.{name}")
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``dfsnet`` command; returns its exit code (2 for a user error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     # dfsnet's own progress at INFO by default; other libraries' INFO chatter (faiss's loader,
@@ -58,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except _USER_ERRORS as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"dfsnet {args.command}: error: {message}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            logger.error("traceback of the error below", exc_info=exc)
+        print(f"dfsnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-

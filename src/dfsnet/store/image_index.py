@@ -29,7 +29,7 @@ import numpy as np
 from dfsnet import __version__
 from dfsnet._io import atomic_write, sha256_file
 from dfsnet._validation import check_positive_int
-from dfsnet.errors import InputError, InputTypeError
+from dfsnet.errors import InputError, InputTypeError, NotFoundError
 from dfsnet.images import open_image
 from dfsnet.store.builder import AddReport, Builder, scan_images
 from dfsnet.store.lock import collect_garbage, write_lock
@@ -453,12 +453,12 @@ class ImageIndex:
                              "store_features=True (--store-features) to re-rank")
 
     def record(self, image_id: int) -> ImageRecord:
-        """Metadata of the indexed image ``image_id`` (KeyError if there is none)."""
+        """Metadata of the indexed image ``image_id`` (NotFoundError, a KeyError, if there is none)."""
         if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)):
             raise InputTypeError(f"image_id: expected an int, got {type(image_id).__name__}")
         found = self._state.metadata.records([image_id])
         if int(image_id) not in found:
-            raise KeyError(f"image_id: no image with id {image_id} in the index (ids are 0..{len(self) - 1})")
+            raise NotFoundError(f"image_id: no image with id {image_id} in the index (ids are 0..{len(self) - 1})")
         return found[int(image_id)]
 
     # ---------------------------------------------------------------------------------------

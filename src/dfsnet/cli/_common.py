@@ -1,0 +1,31 @@
+"""Flags every command group spells the same way."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1 ... "
+                             "(default: %(default)s)")
+
+
+def add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: only when stderr is a terminal)")
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """``--progress`` / ``--no-progress`` as given, else whether stderr is a terminal."""
+    return args.progress if args.progress is not None else sys.stderr.isatty()
+
+
+def add_loader_args(parser: argparse.ArgumentParser) -> None:
+    """Batching and decoding settings of commands that run the network over images."""
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
+                        help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, default=0, metavar="N",
+                        help="image-decoding worker processes (default: %(default)s)")
+    add_device_arg(parser)
+    add_progress_arg(parser)
