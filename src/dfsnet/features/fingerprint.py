@@ -7,12 +7,13 @@ subset indices and the transform (image size, mean/std). Fingerprints are hex BL
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
+
+from dfsnet._io import json_digest
 
 __all__ = ["dataset_fingerprint", "module_fingerprint", "combine_keys"]
 
@@ -48,7 +49,7 @@ def dataset_fingerprint(dataset) -> str | None:
 
 def combine_keys(**parts) -> str:
     """Stable hex key from named JSON-serialisable parts."""
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+    return json_digest(parts, length=32)
 
 
 def _update(h, ds) -> bool:
