@@ -22,6 +22,7 @@ from dfsnet.data import (
     iter_image_files,
 )
 from tests.conftest import make_image_folder
+from tests.test_images import bad_image_files, no_subprocess  # noqa: F401 (no_subprocess: a fixture)
 
 
 def add_bad_images(root: Path) -> list[str]:
@@ -101,6 +102,47 @@ def test_verify_finds_bad_images_in_the_calling_process(image_folder):
     assert ds.verify() == [p for p, _ in ds.samples if p in bad]
     assert ds.n_skipped == 2
     assert sum(ds[i] is None for i in range(len(ds))) == 2
+
+
+@pytest.mark.usefixtures("no_subprocess")
+def test_unsafe_files_are_skipped_and_counted_without_running_anything(image_folder, caplog):
+    # EPS / PS / PDF payloads under image names, a 1x8000 and a 20000000x1 PNG: the same rules
+    # as for queries, and each is counted like an unreadable image (no exception).
+    bad = bad_image_files(image_folder / "class_2" / "unsafe")
+    ds = ImageFolder(image_folder)
+    assert len(ds) == 12 + 5
+    with caplog.at_level(logging.WARNING, logger="dfsnet.data"):
+        items = [ds[i] for i in range(len(ds))]
+        items_again = [ds[i] for i in range(len(ds))]
+    assert sum(item is None for item in items) == 5 and sum(item is None for item in items_again) == 5
+    assert all(item[0].shape == (3, 32, 32) for item in items if item is not None)
+    assert ds.n_skipped == 5 and sorted(ds.skipped_paths) == bad
+    messages = [r.getMessage() for r in caplog.records]
+    for path in bad:
+        assert sum(path in m for m in messages) == 1
+    assert any("aspect ratio" in m for m in messages) and any("not an image of a supported type" in m
+                                                              for m in messages)
+
+    good = [p for p, _ in ds.samples if p not in bad][:3]
+    listed = ImageList(good + bad)
+    assert listed.verify() == bad and listed.n_skipped == 5
+    assert [listed[i] is None for i in range(len(listed))] == [False] * 3 + [True] * 5
+
+
+def test_plain_pixel_formats_and_16_bit_images_are_read(tmp_path):
+    root = tmp_path / "mixed"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    Image.new("L", (10, 6), 40).save(root / "a" / "grey.pgm")
+    Image.new("RGB", (10, 6), (1, 2, 3)).save(root / "a" / "colour.ppm")
+    Image.fromarray(np.full((6, 10), 65535, dtype=np.uint16)).save(root / "b" / "deep.png")
+    Image.new("RGBA", (10, 6), (9, 8, 7, 0)).save(root / "b" / "alpha.webp", lossless=True)
+    ds = ImageFolder(root)
+    assert len(ds) == 4
+    images = [ds.load_image(i) for i in range(len(ds))]
+    assert all(im is not None and im.mode == "RGB" and im.size == (10, 6) for im in images) and ds.n_skipped == 0
+    deep = images[[p for p, _ in ds.samples].index(str(root / "b" / "deep.png"))]
+    assert np.asarray(deep).min() == 255  # scaled to 8 bits, white stays white
 
 
 def test_collate_skip_none():

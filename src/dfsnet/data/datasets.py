@@ -6,8 +6,10 @@ Every dataset here exposes ``.targets`` (int64 numpy, shape (n,)), ``.classes`` 
 unreadable image, and ``fingerprint()`` (a stable hash of the sample list, for feature caches
 and split files; it does not cover the transform).
 
-Unreadable images. ``load_image`` decodes fully (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left
-False, so a truncated file is an error, never silently grey-padded). A file that fails is logged
+Unreadable images. ``load_image`` decodes with :func:`dfsnet.images.open_image`: the format by
+content (JPEG, PNG, WebP, GIF, BMP, TIFF, PPM/PGM only), size limits checked from the header,
+a full decode (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False, so a truncated file is an
+error, never silently grey-padded). A file that fails, or breaks a size rule, is logged
 once with its path and flagged in a per-sample byte array in shared memory: DataLoader workers
 are separate processes, and a plain counter would be incremented in their copies only. The flags
 make ``n_skipped`` and ``skipped_paths`` correct in the main process with any ``num_workers``
@@ -26,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms.functional import to_tensor
 
 from dfsnet._validation import check_labels
+from dfsnet.images import InvalidImageError, open_image
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -46,7 +49,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-_EXIF_ORIENTATION = 0x0112
 _FOLDER_LAYOUT = "ROOT/<class>/<image> (one sub-folder per class)"
 
 
@@ -126,14 +128,6 @@ def collate_skip_none(batch: Sequence):
     if not items:
         return None
     return default_collate(items)
-
-
-def _decode_rgb(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()  # full decode here, so truncation fails now and not inside a transform
-        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
 
 
 def _hash_json(obj) -> str:
@@ -219,13 +213,14 @@ class _PathDataset(_BaseImageDataset):
             return None
         path = self.samples[i][0]
         try:
-            return _decode_rgb(path)
-        # PIL reports malformed input with many exception types (OSError, SyntaxError,
-        # struct.error, ValueError, EOFError, DecompressionBombError, ...).
+            return open_image(path, name=os.path.basename(path))
+        # open_image reports bad images as InvalidImageError; a missing or unreadable file (OSError)
+        # and anything unexpected must not end an epoch either.
         except Exception as exc:  # noqa: BLE001
             if not self._bad[i]:
                 self._bad[i] = 1
-                logger.warning("skipping unreadable image %s: %s: %s", path, type(exc).__name__, exc)
+                detail = str(exc) if isinstance(exc, InvalidImageError) else f"{type(exc).__name__}: {exc}"
+                logger.warning("skipping unreadable image %s: %s", path, detail)
             return None
 
     def skipped_mask(self) -> np.ndarray:

@@ -6,10 +6,8 @@ import io
 import threading
 from collections import OrderedDict
 
-from dfsnet.images import QUERY_FORMATS
-from dfsnet.pipeline import ImageRecord
-
-_EXIF_ORIENTATION = 0x0112
+from dfsnet.images import ImageGeometryError, ImageTooLargeError, InvalidImageError, open_thumbnail
+from dfsnet.store import ImageRecord
 
 
 class ThumbnailError(Exception):
@@ -26,7 +24,8 @@ class ThumbnailCache:
     capacity : int
         Thumbnails kept; the least recently used one is dropped first.
     max_pixels : int
-        Indexed files with more pixels are not decoded (decompression-bomb guard).
+        Indexed files with more pixels are not decoded (decompression-bomb guard); decoding
+        follows :func:`dfsnet.images.open_thumbnail` (formats by content, size rules).
     """
 
     def __init__(self, *, size: int = 256, capacity: int = 1024, max_pixels: int):
@@ -58,8 +57,6 @@ class ThumbnailCache:
         return jpeg
 
     def _make(self, record: ImageRecord) -> bytes:
-        from PIL import Image, ImageOps
-
         try:
             with open(record.path, "rb") as fh:
                 data = fh.read()
@@ -69,22 +66,15 @@ class ThumbnailCache:
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise ThumbnailError(f"image {record.id} changed on disk since it was indexed; "
                                  "re-index it with `dfsnet index add`")
+        # The bytes already read (and hashed) are decoded, not the file again: it may change between.
         try:
-            with Image.open(io.BytesIO(data), formats=QUERY_FORMATS) as img:
-                if img.width * img.height > self.max_pixels:
-                    raise ThumbnailError(f"image {record.id} has too many pixels to decode safely")
-                # JPEG: decode at a reduced scale straight away, much faster for large photos.
-                img.draft("RGB", (2 * self.size, 2 * self.size))
-                img.load()
-                if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                    img = ImageOps.exif_transpose(img)
-                img = img.convert("RGB")
-                img.thumbnail((self.size, self.size), Image.Resampling.LANCZOS)
-                out = io.BytesIO()
-                img.save(out, format="JPEG", quality=85, optimize=True)
-                return out.getvalue()
-        except ThumbnailError:
-            raise
-        # PIL reports malformed data with many exception types.
-        except Exception as exc:  # noqa: BLE001
-            raise ThumbnailError(f"image {record.id} cannot be decoded ({type(exc).__name__})") from None
+            img = open_thumbnail(data, self.size, max_pixels=self.max_pixels)
+        except ImageTooLargeError:
+            raise ThumbnailError(f"image {record.id} has too many pixels to decode safely") from None
+        except ImageGeometryError:
+            raise ThumbnailError(f"image {record.id} has a side or aspect ratio too large to decode safely") from None
+        except InvalidImageError:
+            raise ThumbnailError(f"image {record.id} cannot be decoded (not a supported image, or corrupt)") from None
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=85, optimize=True)
+        return out.getvalue()

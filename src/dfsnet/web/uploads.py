@@ -1,12 +1,12 @@
 """Upload guards: a request-body size cap enforced before and while reading, and image decoding
-by content with a pixel limit, mapped to 400 / 413 responses."""
+by content with pixel and shape limits, mapped to 400 / 413 responses."""
 from __future__ import annotations
 
 import json
 
 from fastapi import HTTPException
 
-from dfsnet.images import ImageTooLargeError, InvalidImageError, open_image
+from dfsnet.images import ImageGeometryError, ImageTooLargeError, InvalidImageError, open_image
 
 # Room for the multipart envelope (boundaries, part headers, the ``k`` field) on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -86,11 +86,15 @@ def read_upload(fileobj, *, max_bytes: int) -> bytes:
 
 
 def decode_upload(data: bytes, *, max_pixels: int | None):
-    """An RGB PIL image from uploaded bytes; 400 for anything that is not a decodable image,
-    413 for one with more than ``max_pixels`` pixels."""
+    """An RGB PIL image from uploaded bytes (decoded by :func:`dfsnet.images.open_image`).
+
+    413 for an image with more than ``max_pixels`` pixels; 400 for anything that is not a
+    decodable image of a supported format, and for a side or aspect ratio above the limits
+    (:class:`dfsnet.images.ImageGeometryError`: a request that is malformed, not too big).
+    """
     try:
         return open_image(data, max_pixels=max_pixels, name="the uploaded file")
     except ImageTooLargeError as exc:
         raise HTTPException(413, str(exc)) from None
-    except InvalidImageError as exc:
+    except (ImageGeometryError, InvalidImageError) as exc:
         raise HTTPException(400, str(exc)) from None
