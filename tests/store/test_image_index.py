@@ -316,3 +316,14 @@ def test_concurrent_searches_agree(world):
     for t in threads:
         t.join(timeout=120)
     assert len(results) == 6 and all(r == expected for r in results.values())
+
+
+def test_a_folder_with_hostile_images_indexes_the_good_ones_and_counts_the_rest(world, tmp_path):
+    from tests.test_images import bad_image_files
+
+    images = make_image_folder(tmp_path / "imgs", n_classes=2, per_class=2, seed=13)
+    bad = bad_image_files(images / "class_0")
+    index = ImageIndex.build(world["ckpt"], images, tmp_path / "idx", bits=BITS, fit_on=world["images"])
+    report = index.last_report
+    assert (report.n_added, report.n_bad, len(index)) == (4, len(bad), 4)
+    assert sorted(report.bad_paths) == bad
