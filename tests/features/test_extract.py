@@ -158,3 +158,33 @@ def test_unusable_device_and_cache_folder_fail_before_any_work(model, dataset, t
         cached_feature_maps(model.backbone, dataset, cache_dir=blocker)
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module .* got object"):
         evaluate_accuracy(object(), dataset)
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Pretend this CPU has native bf16, so the bf16 path runs on any test machine."""
+    from dfsnet.models import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+
+
+def test_bf16_features_agree_with_fp32_and_are_cached_apart(model, dataset, tmp_path, bf16_cpu):
+    fp32 = extract_features(model, dataset, precision="fp32", cache_dir=tmp_path)
+    bf16 = extract_features(model, dataset, precision="bf16", cache_dir=tmp_path)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    cos = (fp32 * bf16).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(bf16, axis=1))
+    assert cos.min() > 0.99 and not np.array_equal(fp32, bf16)
+    assert len(list(tmp_path.glob("features-*.npz"))) == 2
+    # The model is left as it was found: contiguous weights, eval mode untouched.
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()
+
+
+def test_bf16_feature_maps_and_head_agree_with_fp32(model, dataset, tmp_path, bf16_cpu):
+    fp32 = cached_feature_maps(model.backbone, dataset, cache_dir=tmp_path, precision="fp32")
+    bf16 = cached_feature_maps(model.backbone, dataset, cache_dir=tmp_path, precision="bf16")
+    assert fp32.path != bf16.path and bf16.maps.shape == fp32.maps.shape
+    a = extract_from_maps(model, fp32.maps, precision="fp32")
+    b = extract_from_maps(model, bf16.maps, precision="bf16")
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dfsnet._validation import check_positive_int
+from dfsnet.models.precision import Precision
 
 
 class Batch(NamedTuple):
@@ -106,17 +107,22 @@ def iter_batches(dataset, *, batch_size: int, num_workers: int, device: torch.de
 
 
 @contextlib.contextmanager
-def inference_on(model: torch.nn.Module, device: torch.device):
-    """Run ``model`` in eval mode on ``device``; restore its mode and device afterwards."""
+def inference_on(model: torch.nn.Module, device: torch.device, precision: Precision | None = None):
+    """Run ``model`` in eval mode on ``device``, its weights in ``precision``'s memory format;
+    restore its mode, device and memory format afterwards."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a DFSNet), got {type(model).__name__}")
     was_training = model.training
     original = next((p.device for p in model.parameters()), None)
     model.eval().to(device)
+    if precision is not None:
+        precision.prepare_model(model)
     try:
         with torch.inference_mode():
             yield
     finally:
         model.train(was_training)
+        if precision is not None and precision.channels_last:
+            model.to(memory_format=torch.contiguous_format)
         if original is not None and original != device:
             model.to(original)

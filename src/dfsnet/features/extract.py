@@ -12,6 +12,7 @@ from dfsnet._io import atomic_write
 from dfsnet._validation import check_positive_int
 from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
+from dfsnet.models.precision import DEFAULT_PRECISION, resolve_precision
 
 __all__ = ["extract_features", "extract_features_with_mask", "extract_from_maps", "features_cache_path"]
 
@@ -21,7 +22,8 @@ _CACHE_VERSION = 1
 
 
 def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int = 0, device=None,
-                     cache_dir=None, cache_key: str | None = None, progress: bool = False) -> np.ndarray:
+                     precision: str = DEFAULT_PRECISION, cache_dir=None, cache_key: str | None = None,
+                     progress: bool = False) -> np.ndarray:
     """Pooled features of every item of ``dataset`` through ``model.features``.
 
     The model runs in eval mode under ``torch.inference_mode`` on ``device`` (default: the
@@ -38,10 +40,14 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int =
     batch_size, num_workers : int
         DataLoader settings.
     device : str or torch.device, optional
+    precision : {"auto", "fp32", "bf16"}
+        See :func:`dfsnet.models.precision.resolve_precision`; features are returned as
+        float32 whatever the precision they were computed in.
     cache_dir : path, optional
         When given, the result is stored as ``features-<key>.npz`` there and reused. The key
         hashes the model's weights, the dataset's fingerprint (see
-        :func:`dfsnet.features.fingerprint.dataset_fingerprint`) and ``cache_key``.
+        :func:`dfsnet.features.fingerprint.dataset_fingerprint`), the precision and
+        ``cache_key``.
     cache_key : str, optional
         Names the split (e.g. ``"cifar10/test"``); required with ``cache_dir`` when the
         dataset cannot be fingerprinted, in which case it alone identifies the data.
@@ -59,7 +65,7 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int =
         :func:`extract_features_with_mask` to keep the others.
     """
     features, ok = extract_features_with_mask(
-        model, dataset, batch_size=batch_size, num_workers=num_workers, device=device,
+        model, dataset, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
         cache_dir=cache_dir, cache_key=cache_key, progress=progress,
     )
     if not ok.all():
@@ -73,8 +79,8 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int =
 
 
 def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_workers: int = 0,
-                               device=None, cache_dir=None, cache_key: str | None = None,
-                               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                               device=None, precision: str = DEFAULT_PRECISION, cache_dir=None,
+                               cache_key: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`extract_features`, but tolerant of unreadable items.
 
     Returns
@@ -89,22 +95,24 @@ def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_work
         raise TypeError(f"model: expected a module with a features() method (a DFSNet), got {type(model).__name__}")
     n = check_dataset(dataset)
     check_positive_int(batch_size, name="batch_size")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
     path = None
     if cache_dir is not None:
-        path = features_cache_path(model, dataset, cache_dir=cache_dir, cache_key=cache_key)
+        path = features_cache_path(model, dataset, cache_dir=cache_dir, cache_key=cache_key, precision=prec.name)
         cached = _load_cache(path, n)
         if cached is not None:
             logger.info("features: cache hit %s", path)
             return cached
-    dev = resolve_device(device)
     features = None
     ok = np.zeros(n, dtype=bool)
-    with inference_on(model, dev):
+    with inference_on(model, dev, prec):
         for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
                                   device=dev, progress=progress, desc="features"):
             if batch.images is None:
                 continue
-            out = model.features(batch.images)
+            with prec.autocast():
+                out = model.features(prec.prepare_input(batch.images))
             if features is None:
                 features = np.zeros((n, out.shape[1]), dtype=np.float32)
             rows = batch.indices[batch.ok]
@@ -121,8 +129,10 @@ def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_work
     return features, ok
 
 
-def features_cache_path(model, dataset, *, cache_dir, cache_key: str | None = None) -> Path:
-    """The cache file :func:`extract_features` uses for ``(model, dataset, cache_key)``."""
+def features_cache_path(model, dataset, *, cache_dir, cache_key: str | None = None,
+                        precision: str = "fp32") -> Path:
+    """The cache file :func:`extract_features` uses for ``(model, dataset, cache_key)`` computed in
+    ``precision`` (a resolved name, "fp32" or "bf16")."""
     data = dataset_fingerprint(dataset)
     if data is None and cache_key is None:
         raise ValueError(
@@ -130,11 +140,12 @@ def features_cache_path(model, dataset, *, cache_dir, cache_key: str | None = No
             "naming its content and split (or no cache_dir)"
         )
     key = combine_keys(v=_CACHE_VERSION, model=module_fingerprint(model), data=data,
-                       name=cache_key, n=len(dataset))
+                       name=cache_key, n=len(dataset), precision=precision)
     return check_cache_dir(cache_dir) / f"features-{key}.npz"
 
 
-def extract_from_maps(model, maps, *, batch_size: int = 256, device=None) -> np.ndarray:
+def extract_from_maps(model, maps, *, batch_size: int = 256, device=None,
+                      precision: str = DEFAULT_PRECISION) -> np.ndarray:
     """Pooled features from precomputed backbone feature maps through ``model.head_features``.
 
     Equals :func:`extract_features` on the images the maps came from, up to the float16
@@ -145,6 +156,9 @@ def extract_from_maps(model, maps, *, batch_size: int = 256, device=None) -> np.
     model : DFSNet
     maps : array-like or torch.Tensor, shape (n, C, h, w), any float dtype
         E.g. :attr:`dfsnet.features.FeatureMaps.maps` (float16, memory-mapped).
+    batch_size : int
+    device : str or torch.device, optional
+    precision : {"auto", "fp32", "bf16"}
 
     Returns
     -------
@@ -160,13 +174,16 @@ def extract_from_maps(model, maps, *, batch_size: int = 256, device=None) -> np.
         raise ValueError(f"maps: expected shape (n, C, h, w), got {tuple(maps.shape)}")
     check_positive_int(batch_size, name="batch_size")
     dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
     chunks = []
-    with inference_on(model, dev):
+    with inference_on(model, dev, prec):
         for start in range(0, maps.shape[0], batch_size):
             block = maps[start:start + batch_size]
             if not isinstance(block, torch.Tensor):
                 block = torch.from_numpy(np.array(block))  # a writable copy of a memmap slice
-            chunks.append(model.head_features(block.to(dev, torch.float32)).float().cpu().numpy())
+            with prec.autocast():
+                out = model.head_features(prec.prepare_input(block.to(dev, torch.float32)))
+            chunks.append(out.float().cpu().numpy())
     if not chunks:
         raise ValueError("maps: expected at least one row, got 0")
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)

@@ -20,6 +20,7 @@ import torch
 from dfsnet._io import atomic_write
 from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
+from dfsnet.models.precision import DEFAULT_PRECISION, resolve_precision
 
 __all__ = ["FeatureMaps", "cached_feature_maps", "feature_maps_key"]
 
@@ -57,9 +58,9 @@ class FeatureMaps:
         return int(self.maps.shape[0])
 
 
-def feature_maps_key(backbone: torch.nn.Module, dataset) -> str:
+def feature_maps_key(backbone: torch.nn.Module, dataset, *, precision: str = "fp32") -> str:
     """Cache key: backbone identity and weights + dataset fingerprint (incl. its transform,
-    hence the image size)."""
+    hence the image size) + the precision the maps were computed in (a resolved name)."""
     data = dataset_fingerprint(dataset)
     if data is None:
         raise ValueError(
@@ -74,11 +75,12 @@ def feature_maps_key(backbone: torch.nn.Module, dataset) -> str:
         weights=module_fingerprint(backbone),
         data=data,
         n=len(dataset),
+        precision=precision,
     )
 
 
 def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_size: int = 64,
-                        num_workers: int = 0, device=None, amp: bool | None = None,
+                        num_workers: int = 0, device=None, precision: str = DEFAULT_PRECISION,
                         progress: bool = False) -> FeatureMaps:
     """Return the backbone's feature maps for every item of ``dataset``, computing them once.
 
@@ -94,8 +96,12 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     cache_dir : path
         Directory of ``maps-<key>.npy`` (the maps) and ``maps-<key>.meta.npz`` (labels, mask);
         the second is written last and marks the entry complete. Both are atomic.
-    amp : bool, optional
-        float16 autocast while computing; default: on for CUDA devices.
+    batch_size, num_workers : int
+        DataLoader settings.
+    device : str or torch.device, optional
+    precision : {"auto", "fp32", "bf16"}
+        See :func:`dfsnet.models.precision.resolve_precision`; part of the cache key.
+    progress : bool
 
     Returns
     -------
@@ -103,27 +109,27 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     """
     n = check_dataset(dataset)
     cache_dir = check_cache_dir(cache_dir)
-    key = feature_maps_key(backbone, dataset)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    key = feature_maps_key(backbone, dataset, precision=prec.name)
     maps_path = cache_dir / f"maps-{key}.npy"
     meta_path = cache_dir / f"maps-{key}.meta.npz"
     cached = _load(maps_path, meta_path, n)
     if cached is not None:
         logger.info("feature maps: cache hit %s", maps_path)
         return cached
-    dev = resolve_device(device)
-    amp = dev.type == "cuda" if amp is None else bool(amp)
     start = time.perf_counter()
     labels = np.full(n, -1, dtype=np.int64)
     ok = np.zeros(n, dtype=bool)
     shape = None
     pending = 0  # rows of unreadable items seen before the map shape is known
-    with atomic_write(maps_path) as fh, inference_on(backbone, dev):
+    with atomic_write(maps_path) as fh, inference_on(backbone, dev, prec):
         for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
                                   device=dev, progress=progress, desc="feature maps"):
             out = None
             if batch.images is not None:
-                with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
-                    out = backbone(batch.images)
+                with prec.autocast():
+                    out = backbone(prec.prepare_input(batch.images))
                 if out.ndim != 4:
                     raise ValueError(f"backbone: expected a (N, C, h, w) feature map, got shape {tuple(out.shape)}")
                 if shape is None:

@@ -21,11 +21,12 @@ import torch
 
 from dfsnet.errors import InputError
 
-__all__ = ["PRECISIONS", "Precision", "resolve_precision", "cpu_has_native_bf16"]
+__all__ = ["PRECISIONS", "DEFAULT_PRECISION", "Precision", "resolve_precision", "cpu_has_native_bf16"]
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_PRECISION = "fp32"
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
