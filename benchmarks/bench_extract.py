@@ -14,8 +14,14 @@ Runs alternate (baseline, pipeline, baseline, ...) so that load changes on a sha
 both alike; the ratio uses each side's best repeat (the least disturbed one) and the medians are
 reported too. Target: pipeline / baseline >= 0.9 (pipeline overhead at most 10%).
 
+Second part, precision: ``extract_features(precision="auto")`` (bf16 autocast + channels_last
+where the CPU has AMX / AVX512-BF16, see ``dfsnet.models.precision``) against the fp32 eager
+NCHW baseline ``extract_features(precision="fp32")``, on the same tensors, at each
+``--sizes``; with the agreement of the pooled features (minimum cosine, relative error).
+Target: auto / fp32 >= 2.5 at 224 px.
+
 Usage: .venv/bin/python benchmarks/bench_extract.py [--n-images 512] [--batch-size 64]
-       [--image-size 128] [--repeats 3] [--threads N]
+       [--image-size 128] [--sizes 128 224] [--repeats 3] [--threads N]
 Writes benchmarks/results/bench_extract.json.
 """
 from __future__ import annotations
@@ -38,6 +44,7 @@ from dfsnet.features import extract_features
 from dfsnet.models import DFSNet, create_backbone
 
 TARGET_RATIO = 0.9
+TARGET_PRECISION_RATIO = 2.5  # at 224 px
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_extract.json"
 
 
@@ -50,11 +57,45 @@ def bare_timm(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> 
     return out
 
 
+def compare_precisions(net: DFSNet, size: int, args) -> dict:
+    """extract_features in "auto" against "fp32" at ``size`` px, alternating, on the same tensors."""
+    from dfsnet.models.precision import resolve_precision
+
+    torch.manual_seed(1)
+    images = torch.randn(args.n_images, 3, size, size)
+    dataset = TensorDataset(images, torch.zeros(args.n_images, dtype=torch.int64))
+    warm = TensorDataset(images[: args.batch_size], torch.zeros(args.batch_size, dtype=torch.int64))
+    for precision in ("fp32", "auto"):
+        extract_features(net, warm, batch_size=args.batch_size, device="cpu", precision=precision)
+    times = {"fp32": [], "auto": []}
+    outputs = {}
+    for _ in range(args.repeats):
+        for precision in ("fp32", "auto"):
+            t = time.perf_counter()
+            outputs[precision] = extract_features(net, dataset, batch_size=args.batch_size, device="cpu",
+                                                  precision=precision)
+            times[precision].append(time.perf_counter() - t)
+    a, b = outputs["fp32"], outputs["auto"]
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    best = {k: args.n_images / min(v) for k, v in times.items()}
+    median = {k: args.n_images / statistics.median(v) for k, v in times.items()}
+    return {
+        "image_size": size, "auto_resolves_to": resolve_precision("auto", "cpu").name,
+        "baseline": "extract_features(precision='fp32'): fp32, NCHW, eager", "seconds": times,
+        "images_per_s_best": best, "images_per_s_median": median,
+        "ratio_best": best["auto"] / best["fp32"], "ratio_median": median["auto"] / median["fp32"],
+        "min_cosine": float(cosine.min()),
+        "relative_error": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-images", type=int, default=512, help="images per timed run (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=128, help="input side in pixels (default: %(default)s)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[128, 224],
+                        help="input sides of the precision comparison (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output (default: %(default)s)")
@@ -92,6 +133,7 @@ def main() -> None:
     median = {k: args.n_images / statistics.median(v) for k, v in times.items()}
     ratio = best["pipeline"] / best["baseline"]
     ratio_median = median["pipeline"] / median["baseline"]
+    precision = {str(size): compare_precisions(net, size, args) for size in args.sizes}
     result = {
         "benchmark": "bench_extract",
         "model": "efficientnet_lite0 (tf_efficientnet_lite0, offline ImageNet weights), dfs=False",
@@ -103,6 +145,8 @@ def main() -> None:
         "ratio_best": ratio, "ratio_median": ratio_median, "target_ratio": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
         "max_abs_feature_diff": max_diff,
+        "precision": precision,
+        "target_precision_ratio_224": TARGET_PRECISION_RATIO,
         "machine": {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__,
                     "timm": timm.__version__, "python": platform.python_version()},
     }
@@ -114,6 +158,11 @@ def main() -> None:
           f"{median['pipeline']:.1f})")
     print(f"ratio pipeline / bare timm: {ratio:.3f} (median {ratio_median:.3f}; target >= {TARGET_RATIO}); "
           f"max |feature difference| {max_diff:.2e}")
+    for size, row in precision.items():
+        print(f"{size} px: fp32 eager NCHW {row['images_per_s_best']['fp32']:.1f} images/s, auto "
+              f"({row['auto_resolves_to']}) {row['images_per_s_best']['auto']:.1f} images/s: ratio auto / fp32 "
+              f"{row['ratio_best']:.2f} (median {row['ratio_median']:.2f}); features: min cosine "
+              f"{row['min_cosine']:.5f}, relative error {row['relative_error']:.4f}")
     print(f"wrote {args.out}")
 
 
