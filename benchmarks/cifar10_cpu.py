@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from dfsnet.eval.experiment import load_config, run_experiment
-    from dfsnet.eval.report import scheme_table
+    from dfsnet.experiments import load_config, run_experiment
+    from dfsnet.experiments.report import scheme_table
 
     if not (args.root / "train").is_dir():
         print(f"cifar10_cpu: CIFAR-10 image folders not found at {args.root} (expected "

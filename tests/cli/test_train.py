@@ -107,9 +107,9 @@ def test_encoder_settings_are_checked_before_training(images, tmp_path, capsys):
     for argv, needles in [
         (("--hasher", "lsh"), ("hasher: expected one of", "'itq'")),
         (("--selector", "mrmr"), ("selector: expected one of", "'random'")),
-        (("--bits", "5000"), ("--bits: expected at most the backbone's feature width",)),
-        (("--selector", "none", "--bits", "16"), ("--bits: with --selector none", "one bit per feature")),
-        (("--hasher", "itq", "--bits", "64"), ("--bits: ITQ learns 64 principal directions from the",)),
+        (("--bits", "5000"), ("bits: expected at most the backbone's feature width",)),
+        (("--selector", "none", "--bits", "16"), ("bits: with no selector", "one bit per feature")),
+        (("--hasher", "itq", "--bits", "64"), ("bits: ITQ learns 64 principal directions from the",)),
     ]:
         code, _, err = run(capsys, "train", "--data", images, *TINY, "--val-fraction", "0.3", *argv, "--out", out)
         _assert_clean_error(code, err, "dfsnet train: error:", *needles)
@@ -154,6 +154,13 @@ def test_unusable_paths_and_devices_are_clean_errors(images, tmp_path, capsys, m
     assert not (tmp_path / "f.npz").exists()
 
 
+def test_cli_modes_match_the_workflow():
+    from dfsnet.cli import train as cli_train
+    from dfsnet.train.workflow import MODES
+
+    assert cli_train._MODES == MODES
+
+
 def test_help_documents_every_option(capsys):
     for command in ("train", "extract"):
         with pytest.raises(SystemExit):
@@ -161,3 +168,4 @@ def test_help_documents_every_option(capsys):
         text = capsys.readouterr().out
         parser_options = [o for o in text.split() if o.startswith("--")]
         assert "--out" in text and len(parser_options) > 5
+        assert "--no-progress" in text and "--device" in text and "cuda when available" in text

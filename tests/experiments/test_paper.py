@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from dfsnet.eval.paper import PAPER_TITLE, PAPER_VALUES, paper_network, paper_value
-from dfsnet.eval.report import render_report
+from dfsnet.experiments.paper import PAPER_TITLE, PAPER_VALUES, paper_network, paper_value
+from dfsnet.experiments.report import render_report
 
 
 def test_fixed_table_holds_exactly_the_printed_values():

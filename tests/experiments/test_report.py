@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dfsnet.eval.experiment import SCHEMES
-from dfsnet.eval.report import render_report, scheme_table, summary_rows, write_report
+from dfsnet.experiments.figures import write_figures
+from dfsnet.experiments.report import render_report, scheme_table, summary_rows, write_report
+from dfsnet.experiments.schemes import SCHEMES
 
 
 def _results(ties=("stable", "expected")) -> dict:
@@ -77,8 +78,9 @@ def test_single_tie_mode_has_no_tie_section():
     assert "## Tie modes" not in text and "## What each step adds" in text
 
 
-def test_write_report_makes_pngs_and_links_them(tmp_path: Path):
-    path = write_report(_results(), tmp_path)
+def test_write_report_links_the_pngs_written_beside_it(tmp_path: Path):
+    results = _results()
+    path = write_report(results, tmp_path, write_figures(results, tmp_path))
     text = path.read_text()
     for name in ("fig_map_vs_bits_cifar10_head.png", "fig_pr_cifar10_head.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

@@ -1,28 +1,33 @@
-"""``report.md`` and its figures from an experiment's ``results.json``.
+"""``report.md`` and the terminal scheme table from an experiment's results dict.
 
 The report follows the paper's order: classification accuracy of Ori against DFS-Net (the
 paper's Tables 1 and 4), mAP by scheme with the paper's printed value beside ours, mAP against
 the code length b (the paper's Figs. 5-6), then what the paper does not show: what each step
 adds, measured on the same features, the effect of the tie mode, and retrieval time and memory.
 A cell is "—" where there is no number (the paper gives none we hold, or a scheme was not run).
+
+Which schemes appear, in which order and compared with what comes from the registry
+:data:`dfsnet.experiments.schemes.SCHEMES`. Figures are drawn by :mod:`dfsnet.experiments.figures`
+(the runner calls both); :func:`write_report` only links the files it is given.
 """
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from dfsnet._io import atomic_write_text
-from dfsnet.eval.paper import PAPER_TITLE, dataset_title, paper_network, paper_value
+from dfsnet.experiments.paper import PAPER_TITLE, dataset_title, paper_network, paper_value
+from dfsnet.experiments.results import primary_ties, report_bits, rows_for
+from dfsnet.experiments.schemes import SCHEMES, float_schemes, hashed_schemes
 
 __all__ = ["write_report", "render_report", "scheme_table", "summary_rows", "rows_for"]
 
 logger = logging.getLogger(__name__)
 
 DASH = "—"
-HASHED_ORDER = ("1h", "3", "3-random", "3-fmean", "3-fmedian", "itq")
-FLOAT_ORDER = ("1", "2")
 
 
 def _pct(value: float | None) -> str:
@@ -39,21 +44,19 @@ def _table(header: list[str], rows: Iterable[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _primary_ties(results: dict) -> str:
-    ties = results["config"]["ties"]
-    return "stable" if "stable" in ties else ties[0]
-
-
-def rows_for(setting: dict, scheme: str, *, ties: str, bits: int | None = None) -> list[dict]:
-    """The result rows of one scheme in one setting, ordered by code length."""
-    rows = [r for r in setting["rows"] if r["scheme"] == scheme and r["ties"] == ties
-            and (bits is None or r["bits"] == bits)]
-    return sorted(rows, key=lambda r: r["bits"] or 0)
+def _is_float(sid: str) -> bool:
+    scheme = SCHEMES.get(sid)
+    return scheme is not None and scheme.metric == "euclidean"
 
 
 def _one(setting: dict, scheme: str, *, ties: str, bits: int | None = None) -> dict | None:
     rows = rows_for(setting, scheme, ties=ties, bits=bits)
     return rows[0] if rows else None
+
+
+def _at(setting: dict, sid: str, *, ties: str, bits: int | None) -> dict | None:
+    """A float scheme's row, or a hashed scheme's row at ``bits``."""
+    return _one(setting, sid, ties=ties) if _is_float(sid) else _one(setting, sid, ties=ties, bits=bits)
 
 
 def _best(setting: dict, scheme: str, *, ties: str) -> dict | None:
@@ -65,30 +68,30 @@ def _get(row: dict | None, key: str):
     return None if row is None else row[key]
 
 
+def _description(results: dict, sid: str) -> str:
+    entry = results.get("schemes", {}).get(sid)
+    return entry["description"] if entry else SCHEMES[sid].description
+
+
 def summary_rows(results: dict) -> list[dict]:
-    """One line per setting and scheme: float schemes, and hashed ones at ``pr_bits`` bits."""
-    ties = _primary_ties(results)
+    """One line per setting and scheme: float schemes, and hashed ones at the report's code length."""
+    ties = primary_ties(results)
     out = []
     for s in results["settings"]:
-        b = _report_bits(results, s)
-        for scheme in ("1", "1h", "2", "3", *[x for x in HASHED_ORDER if x not in ("1h", "3")]):
-            row = _one(s, scheme, ties=ties) if scheme in FLOAT_ORDER else _one(s, scheme, ties=ties, bits=b)
+        b = report_bits(results, s)
+        for sid in SCHEMES:
+            row = _at(s, sid, ties=ties, bits=b)
             if row is not None:
                 out.append({"setting": s["key"], **row})
     return out
 
 
-def _report_bits(results: dict, setting: dict) -> int:
-    # The code length the summary tables use: pr_bits when it was evaluated, else the largest.
-    bits = setting["bits"]
-    return results["config"]["pr_bits"] if results["config"]["pr_bits"] in bits else max(bits)
-
-
 def scheme_table(results: dict) -> str:
     """A fixed-width text table of accuracy and every scheme's scores, for the terminal."""
-    ties = _primary_ties(results)
+    ties = primary_ties(results)
     k = results["config"]["k"]
     lines = []
+    summary = summary_rows(results)
     for s in results["settings"]:
         acc = {n: s["networks"][n].get("accuracy") for n in ("ori", "dfs")}
         lines.append(f"{s['key']}  (protocol {s['protocol']}: {s['split']['n_query']} queries, "
@@ -96,21 +99,30 @@ def scheme_table(results: dict) -> str:
                      f"DFS-Net {_pct(acc['dfs'])} %)")
         lines.append(f"  {'scheme':<10} {'bits':>5} {'mAP@all':>8} {f'mAP@{k}':>9} {f'P@{k}':>8} "
                      f"{'ms/query':>9}  what")
-        for row in summary_rows(results):
+        for row in summary:
             if row["setting"] != s["key"]:
                 continue
             bits = "float" if row["bits"] is None else str(row["bits"])
             lines.append(f"  {row['scheme']:<10} {bits:>5} {_pct(row['map_all']):>8} "
                          f"{_pct(row['map_at_k']):>9} {_pct(row['precision_at_k']):>8} "
-                         f"{1000 * row['seconds_per_query']:>9.3f}  {results['schemes'][row['scheme']]['description']}")
+                         f"{1000 * row['seconds_per_query']:>9.3f}  {_description(results, row['scheme'])}")
     lines.append(f"(mAP and precision in %, ties {ties}; hashed schemes at the report's code length)")
     return "\n".join(lines)
 
 
 def render_report(results: dict, figures: dict[str, list[str]] | None = None) -> str:
-    """The Markdown report for ``results`` (the ``results.json`` dict)."""
+    """The Markdown report for ``results`` (the ``results.json`` dict).
+
+    Parameters
+    ----------
+    results : dict
+        See :mod:`dfsnet.experiments.results`.
+    figures : dict of str to list of str, optional
+        ``{title: [file names relative to the report]}``, e.g. from
+        :func:`dfsnet.experiments.figures.write_figures`; linked in a "Figures" section.
+    """
     cfg = results["config"]
-    ties = _primary_ties(results)
+    ties = primary_ties(results)
     k = cfg["k"]
     env = results["environment"]
     parts = [
@@ -130,7 +142,7 @@ def render_report(results: dict, figures: dict[str, list[str]] | None = None) ->
         "",
         _table(["setting", "backbone", "dataset", "training", "protocol", "train", "val", "query",
                 "database", "classes", "image px", "D"],
-               [[s["key"], s["backbone"], s["dataset"], _mode_text(s, cfg), s["protocol"],
+               [[s["key"], s["backbone"], s["dataset"], _mode_text(s), s["protocol"],
                  s["split"]["n_train"], s["split"]["n_val"], s["split"]["n_query"],
                  s["split"]["n_database"], s["split"]["n_classes"], s["image_size"],
                  s["feature_dim"]] for s in results["settings"]]),
@@ -156,14 +168,14 @@ def render_report(results: dict, figures: dict[str, list[str]] | None = None) ->
         "",
     ]
     for s in results["settings"]:
-        parts += [f"### {s['backbone']} on {dataset_title(s['dataset'])}, {_mode_text(s, cfg)}", "",
+        parts += [f"### {s['backbone']} on {dataset_title(s['dataset'])}, {_mode_text(s)}", "",
                   _scheme_section(results, s, ties), ""]
     parts += ["## mAP against code length b (cf. the paper's Figs. 5-6)", "",
               f"mAP@{k}; the float schemes 1 and 2 do not depend on b and are given in the heading.",
               ""]
     for s in results["settings"]:
-        parts += [_bits_section(results, s, ties, "map_at_k", f"mAP@{k}"), "",
-                  _bits_section(results, s, ties, "map_all", "mAP@all"), ""]
+        parts += [_bits_section(s, ties, "map_at_k", f"mAP@{k}"), "",
+                  _bits_section(s, ties, "map_all", "mAP@all"), ""]
     parts += ["## What each step adds, measured", "",
               f"Differences in mAP@{k} points (and mAP@all) on the same features and split; positive "
               "means the first term of the comparison retrieves better.", ""]
@@ -179,7 +191,7 @@ def render_report(results: dict, figures: dict[str, list[str]] | None = None) ->
               "Exhaustive search over the whole database, all queries; memory per database item.",
               ""]
     for s in results["settings"]:
-        parts += [f"### {s['key']}", "", _time_section(results, s, ties), ""]
+        parts += [f"### {s['key']}", "", _time_section(s, ties), ""]
     if figures:
         parts += ["## Figures", ""]
         for title, paths in figures.items():
@@ -188,58 +200,57 @@ def render_report(results: dict, figures: dict[str, list[str]] | None = None) ->
     return "\n".join(parts)
 
 
-def _mode_text(setting: dict, cfg: dict) -> str:
+def _mode_text(setting: dict) -> str:
     return "head only (frozen backbone)" if setting["mode"] == "head" else "full fine-tuning"
 
 
 def _scheme_section(results: dict, s: dict, ties: str) -> str:
     k = results["config"]["k"]
-    b = _report_bits(results, s)
-    paper_map = paper_value("map_scheme3_best", backbone=s["backbone"], dataset=s["dataset"])
+    b = report_bits(results, s)
+    entries: list[tuple[str, dict | None, str | None]] = []
+    for sid, scheme in SCHEMES.items():
+        entries.append((sid, _at(s, sid, ties=ties, bits=b), None))
+        if scheme.paper_metric is not None:  # its best code length, beside the paper's best
+            entries.append((f"{sid} (best b)", _best(s, sid, ties=ties), scheme.paper_metric))
     lines = []
-    entries = [(sid, _one(s, sid, ties=ties) if sid in FLOAT_ORDER else _one(s, sid, ties=ties, bits=b))
-               for sid in ("1", "1h", "2", "3")]
-    entries.append(("3 (best b)", _best(s, "3", ties=ties)))
-    entries += [(sid, _one(s, sid, ties=ties, bits=b)) for sid in HASHED_ORDER[2:]]
-    for label, row in entries:
+    for label, row, metric in entries:
         if row is None:
             continue
-        sid = row["scheme"]
-        lines.append([label, results["schemes"][sid]["description"],
+        paper = paper_value(metric, backbone=s["backbone"], dataset=s["dataset"]) if metric else None
+        lines.append([label, _description(results, row["scheme"]),
                       "float" if row["bits"] is None else row["bits"], row["bytes_per_item"],
                       _pct(row["map_all"]), _pct(row["map_at_k"]), _pct(row["precision_at_k"]),
-                      _pct(paper_map) if label == "3 (best b)" else DASH])
+                      _pct(paper) if metric else DASH])
     return _table(["scheme", "what", "b", "bytes/item", "mAP@all", f"mAP@{k}", f"P@{k}",
                    "paper mAP"], lines)
 
 
-def _bits_section(results: dict, s: dict, ties: str, key: str, label: str) -> str:
-    floats = {sid: _get(_one(s, sid, ties=ties), key) for sid in FLOAT_ORDER}
-    present = [sid for sid in HASHED_ORDER if rows_for(s, sid, ties=ties)]
-    head = (f"**{s['key']}**, {label}: Scheme 1 (Ori, Euclidean) {_pct(floats['1'])}, "
-            f"Scheme 2 (DFS-Net, Euclidean) {_pct(floats['2'])}")
-    table = _table(["b"] + [f"Scheme {sid}" for sid in present],
-                   [[b] + [_pct(_get(_one(s, sid, ties=ties, bits=b), key)) for sid in present]
+def _bits_section(s: dict, ties: str, key: str, label: str) -> str:
+    floats = [f"{sc.label} ({sc.short or sc.description}) {_pct(_get(_one(s, sc.id, ties=ties), key))}"
+              for sc in float_schemes()]
+    present = [sc for sc in hashed_schemes() if rows_for(s, sc.id, ties=ties)]
+    head = f"**{s['key']}**, {label}: " + ", ".join(floats)
+    table = _table(["b"] + [sc.label for sc in present],
+                   [[b] + [_pct(_get(_one(s, sc.id, ties=ties, bits=b), key)) for sc in present]
                     for b in s["bits"]])
     return head + "\n\n" + table
 
 
 def _steps_section(results: dict, s: dict, ties: str) -> str:
-    b = _report_bits(results, s)
+    b = report_bits(results, s)
     d = s["feature_dim"]
 
-    def pair(a, a_bits, c, c_bits, key):
-        ra = _one(s, a, ties=ties) if a_bits is None else _one(s, a, ties=ties, bits=a_bits)
-        rc = _one(s, c, ties=ties) if c_bits is None else _one(s, c, ties=ties, bits=c_bits)
-        return _delta(_get(ra, key), _get(rc, key))
+    def pair(a: str, a_bits, c: str, c_bits, key: str) -> str:
+        return _delta(_get(_at(s, a, ties=ties, bits=a_bits), key), _get(_at(s, c, ties=ties, bits=c_bits), key))
 
-    steps = [
-        ("DFS module, float features", "2 − 1", ("2", None, "1", None)),
-        (f"DFS module, hashed at {b} bits", f"3 − 1h @ {b}", ("3", b, "1h", b)),
-        (f"gain ratio vs random selection at {b} bits", f"3 − 3-random @ {b}", ("3", b, "3-random", b)),
-        (f"sample-mean vs feature-mean threshold at {b} bits", f"3 − 3-fmean @ {b}", ("3", b, "3-fmean", b)),
-        (f"sample-mean vs feature-median threshold at {b} bits", f"3 − 3-fmedian @ {b}", ("3", b, "3-fmedian", b)),
-        (f"gain ratio + hash vs ITQ at {b} bits", f"3 − itq @ {b}", ("3", b, "itq", b)),
+    steps = []
+    for scheme in SCHEMES.values():
+        if scheme.step is None:
+            continue
+        what, a, c = scheme.step
+        hashed = not (_is_float(a) and _is_float(c))
+        steps.append((what.format(b=b), f"{a} − {c}" + (f" @ {b}" if hashed else ""), (a, b, c, b)))
+    steps += [
         (f"selecting and hashing to {b} bits, against float features", f"3 @ {b} − 2", ("3", b, "2", None)),
         (f"hashing all D = {d} features, against float features", f"3 @ {d} − 2", ("3", d, "2", None)),
     ]
@@ -253,13 +264,14 @@ def _ties_section(results: dict) -> str:
     k = results["config"]["k"]
     rows = []
     for s in results["settings"]:
-        b = _report_bits(results, s)
-        for sid in ("1", "1h", "2", "3", "itq"):
-            pair = {t: (_one(s, sid, ties=t) if sid in FLOAT_ORDER else _one(s, sid, ties=t, bits=b))
-                    for t in ("stable", "expected")}
+        b = report_bits(results, s)
+        for sid, scheme in SCHEMES.items():
+            if not scheme.headline:
+                continue
+            pair = {t: _at(s, sid, ties=t, bits=b) for t in ("stable", "expected")}
             if None in pair.values():
                 continue
-            rows.append([s["key"], sid, "float" if sid in FLOAT_ORDER else b,
+            rows.append([s["key"], sid, "float" if _is_float(sid) else b,
                          _pct(pair["stable"]["map_at_k"]), _pct(pair["expected"]["map_at_k"]),
                          _delta(pair["stable"]["map_at_k"], pair["expected"]["map_at_k"]),
                          _pct(pair["stable"]["map_all"]), _pct(pair["expected"]["map_all"])])
@@ -267,11 +279,15 @@ def _ties_section(results: dict) -> str:
                    "mAP@all stable", "mAP@all expected"], rows)
 
 
-def _time_section(results: dict, s: dict, ties: str) -> str:
+def _time_section(s: dict, ties: str) -> str:
+    # Scheme 2 (DFS-Net float features) is the reference of memory and speed.
     euclid = _one(s, "2", ties=ties)
     rows = []
-    for sid in ("1", "2", "1h", "3", "itq"):
-        for row in ([_one(s, sid, ties=ties)] if sid in FLOAT_ORDER else rows_for(s, sid, ties=ties)):
+    for scheme in [*float_schemes(), *hashed_schemes()]:
+        if not scheme.headline:
+            continue
+        sid = scheme.id
+        for row in ([_one(s, sid, ties=ties)] if _is_float(sid) else rows_for(s, sid, ties=ties)):
             if row is None:
                 continue
             mem = (f"1/{euclid['bytes_per_item'] / row['bytes_per_item']:.0f}"
@@ -297,21 +313,10 @@ def _training_section(results: dict) -> str:
                    "train s", "reused from cache"], rows)
 
 
-def write_report(results: dict, run_dir: str | Path) -> Path:
-    """Write ``report.md`` and its PNG figures into ``run_dir``; return the report's path."""
-    from dfsnet.eval.figures import write_figures
-
-    run_dir = Path(run_dir)
-    figures = write_figures(results, run_dir)
-    path = run_dir / "report.md"
+def write_report(results: dict, run_dir: str | os.PathLike,
+                 figures: dict[str, list[str]] | None = None) -> Path:
+    """Write ``run_dir/report.md``, linking ``figures`` (already written); return its path."""
+    path = Path(run_dir) / "report.md"
     atomic_write_text(path, render_report(results, figures))
     logger.info("report: wrote %s", path)
     return path
-
-
-def group_settings(results: dict) -> dict[tuple[str, str], list[dict]]:
-    """Settings grouped by (dataset, mode): one figure each, one panel per backbone."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for s in results["settings"]:
-        groups[(s["dataset"], s["mode"])].append(s)
-    return dict(groups)

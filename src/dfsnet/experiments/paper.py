@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dfsnet.errors import InputError
+
 __all__ = [
     "PAPER_TITLE",
     "PaperValue",
@@ -86,7 +88,7 @@ def paper_value(metric: str, *, backbone: str, dataset: str) -> float | None:
     backbone the paper did not use, or the digits demo data set).
     """
     if metric not in _METRICS:
-        raise ValueError(f"metric: expected one of {_METRICS}, got {metric!r}")
+        raise InputError(f"metric: expected one of {_METRICS}, got {metric!r}")
     network = paper_network(backbone)
     for v in PAPER_VALUES:
         if v.metric == metric and v.network == network and v.dataset == dataset.lower():
