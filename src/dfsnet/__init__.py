@@ -31,7 +31,8 @@ _LAZY = {
     "run_experiment": "dfsnet.experiments",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "create_backbone", "DFSNet", "make_encoder", "HammingIndex", "ImageIndex",
+           "run_experiment"]
 
 if TYPE_CHECKING:
     from dfsnet.experiments import run_experiment

@@ -154,13 +154,6 @@ def test_unusable_paths_and_devices_are_clean_errors(images, tmp_path, capsys, m
     assert not (tmp_path / "f.npz").exists()
 
 
-def test_cli_modes_match_the_workflow():
-    from dfsnet.cli import train as cli_train
-    from dfsnet.train.workflow import MODES
-
-    assert cli_train._MODES == MODES
-
-
 def test_help_documents_every_option(capsys):
     for command in ("train", "extract"):
         with pytest.raises(SystemExit):

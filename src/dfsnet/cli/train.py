@@ -7,14 +7,13 @@ from pathlib import Path
 
 from dfsnet.cli._common import add_device_arg, add_progress_arg, progress_enabled
 from dfsnet.errors import InputError
+from dfsnet.train.workflow import MODES
 
 # Listed for --help only; the library validates the names and lists the valid ones on error.
 _SOURCES = "folder, cifar10, caltech256, digits"
 _PROTOCOLS = "paper, cifar10, cifar10-1, per-class"
 _SELECTORS = "gain_ratio (the paper), random, none"
 _HASHERS = "sample_mean (the paper), feature_mean, feature_median, zero, itq"
-# Kept here, not imported, so that `dfsnet --help` loads no library module; a test checks they agree.
-_MODES = ("head", "full")
 
 
 def register(subparsers) -> None:
@@ -73,7 +72,7 @@ def _register_train(subparsers) -> None:
                    "without the DFS module")
 
     g = p.add_argument_group("training")
-    g.add_argument("--mode", default="head", choices=_MODES,
+    g.add_argument("--mode", default="head", choices=MODES,
                    help="head: frozen backbone, its feature maps cached once, the head trains on them "
                         "(no backbone pass per epoch, so practical on a CPU; no augmentation); full: "
                         "fine-tune every layer with augmentation, as the paper (default: %(default)s)")

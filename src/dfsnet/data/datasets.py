@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.transforms.functional import to_tensor
 
 from dfsnet._validation import check_labels
+from dfsnet.errors import InputError, InputTypeError
 from dfsnet.images import InvalidImageError, open_image
 
 __all__ = [
@@ -57,7 +58,7 @@ def _normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
         extensions = (extensions,)
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     if not exts:
-        raise ValueError("extensions: expected at least one file extension, got none")
+        raise InputError("extensions: expected at least one file extension, got none")
     return exts
 
 
@@ -293,7 +294,7 @@ class ImageFolder(_PathDataset):
         else:
             names = [str(c) for c in classes]
             if len(set(names)) != len(names):
-                raise ValueError(f"classes: expected unique class names, got {names}")
+                raise InputError(f"classes: expected unique class names, got {names}")
         files = {name: list(iter_image_files(self.root / name, extensions=exts)) if (self.root / name).is_dir()
                  else [] for name in names}
         if classes is None:
@@ -306,13 +307,13 @@ class ImageFolder(_PathDataset):
         if n_images == 0:
             loose = sum(1 for _ in iter_image_files(self.root, False, extensions=exts))
             if loose:
-                raise ValueError(
+                raise InputError(
                     f"root: {self.root} holds {loose} image(s) but no class sub-folders; expected "
                     f"{_FOLDER_LAYOUT}. For an unlabelled collection use ImageList(iter_image_files(root))")
-            raise ValueError(f"root: no images ({', '.join(exts)}) found under {self.root}; "
+            raise InputError(f"root: no images ({', '.join(exts)}) found under {self.root}; "
                              f"expected {_FOLDER_LAYOUT}")
         if len(names) < 2:
-            raise ValueError(f"root: {self.root} holds images of only one class ({names[0]!r}); a "
+            raise InputError(f"root: {self.root} holds images of only one class ({names[0]!r}); a "
                              f"classification dataset needs at least 2 classes, as {_FOLDER_LAYOUT}")
         self.classes = names
         self.class_to_idx = {name: i for i, name in enumerate(names)}
@@ -351,24 +352,24 @@ class ImageList(_PathDataset):
     def __init__(self, paths: Iterable, labels=None, *, transform: Callable | None = None,
                  classes: Sequence[str] | None = None):
         if isinstance(paths, (str, os.PathLike)):
-            raise TypeError(f"paths: expected a list of image paths, got a single path {str(paths)!r}; "
+            raise InputTypeError(f"paths: expected a list of image paths, got a single path {str(paths)!r}; "
                             f"use iter_image_files(folder) to list a folder")
         paths = [os.fspath(p) for p in paths]
         if not paths:
-            raise ValueError("paths: expected at least one image path, got none")
+            raise InputError("paths: expected at least one image path, got none")
         if labels is None:
             targets = np.full(len(paths), -1, dtype=np.int64)
             if classes is not None:
-                raise ValueError("classes: given without labels")
+                raise InputError("classes: given without labels")
             self.classes = []
         else:
             targets = check_labels(labels, len(paths), name="labels")
             if targets.ndim != 1 or targets.min() < 0:
-                raise ValueError("labels: expected a 1-D array of non-negative class indices")
+                raise InputError("labels: expected a 1-D array of non-negative class indices")
             n_classes = int(targets.max()) + 1
             self.classes = [str(c) for c in range(n_classes)] if classes is None else [str(c) for c in classes]
             if len(self.classes) < n_classes:
-                raise ValueError(f"classes: expected at least {n_classes} names for labels up to "
+                raise InputError(f"classes: expected at least {n_classes} names for labels up to "
                                  f"{n_classes - 1}, got {len(self.classes)}")
         super().__init__(list(zip(paths, targets.tolist())), transform)
 
@@ -398,7 +399,7 @@ class ArrayImageDataset(_BaseImageDataset):
                  name: str = "arrays"):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
-            raise ValueError(f"images: expected uint8 of shape (n, H, W) or (n, H, W, 3), "
+            raise InputError(f"images: expected uint8 of shape (n, H, W) or (n, H, W, 3), "
                              f"got {images.dtype} {images.shape}")
         self.images = np.ascontiguousarray(images)
         self.targets = check_labels(targets, images.shape[0], name="targets")
@@ -447,11 +448,11 @@ class Subset(_BaseImageDataset):
     def __init__(self, dataset, indices, *, transform: Callable | None = None):
         idx = np.asarray(indices)
         if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
-            raise ValueError(f"indices: expected a 1-D integer array, got {idx.dtype} {idx.shape}")
+            raise InputError(f"indices: expected a 1-D integer array, got {idx.dtype} {idx.shape}")
         idx = idx.astype(np.int64)
         n = len(dataset)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"indices: expected values in [0, {n}), got min {idx.min()}, max {idx.max()}")
+            raise InputError(f"indices: expected values in [0, {n}), got min {idx.min()}, max {idx.max()}")
         self.dataset = dataset
         self.indices = idx
         self.targets = dataset.targets[idx]
@@ -504,7 +505,7 @@ class ConcatPool(_BaseImageDataset):
     def __init__(self, train, test=None, *, transform: Callable | None = None):
         parts = [train] if test is None else [train, test]
         if test is not None and list(test.classes) != list(train.classes):
-            raise ValueError(f"test: expected the train source's classes {list(train.classes)}, "
+            raise InputError(f"test: expected the train source's classes {list(train.classes)}, "
                              f"got {list(test.classes)}")
         self.datasets = parts
         self.classes = list(train.classes)

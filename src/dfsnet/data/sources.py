@@ -41,6 +41,7 @@ from dfsnet.data.datasets import (
     list_subfolders,
 )
 from dfsnet.data.splits import stratified_holdout
+from dfsnet.errors import InputError
 
 __all__ = ["SPLITS", "list_sources", "load_pool", "load_source"]
 
@@ -55,7 +56,7 @@ _CALTECH_CLUTTER = "257.clutter"
 
 def _root(name: str, root, how: str) -> Path:
     if root is None:
-        raise ValueError(f"root: source {name!r} needs a dataset folder; {how}")
+        raise InputError(f"root: source {name!r} needs a dataset folder; {how}")
     return Path(root).expanduser()
 
 
@@ -70,7 +71,7 @@ def _folder_parts(root, download, transform):
     how = "expected ROOT/<class>/<image>, or ROOT/train/<class>/<image> and ROOT/test/<class>/<image>"
     root = _root("folder", root, how)
     if download:
-        raise ValueError("download: the 'folder' source reads local files only")
+        raise InputError("download: the 'folder' source reads local files only")
     if not root.is_dir():
         raise FileNotFoundError(f"root: image folder {root} not found; {how}")
     train_dir, test_dir = root / "train", root / "test"
@@ -208,7 +209,7 @@ def load_source(name: str, *, root=None, split: str = "train", download: bool = 
     if split == "all":
         return make_train() if make_test is None else ConcatPool(make_train(), make_test())
     if name == "caltech256":
-        raise ValueError(f"split: caltech256 has no official train/test split, got {split!r}; use "
+        raise InputError(f"split: caltech256 has no official train/test split, got {split!r}; use "
                          f"split='all' and the 'per-class' split protocol")
     if split == "train":
         return make_train()

@@ -41,6 +41,7 @@ import numpy as np
 
 from dfsnet._io import atomic_write_text
 from dfsnet._validation import check_choice, check_labels
+from dfsnet.errors import InputError, InputTypeError
 
 __all__ = ["PROTOCOLS", "Split", "labels_fingerprint", "make_split", "stratified_holdout"]
 
@@ -105,23 +106,23 @@ def stratified_holdout(targets, fraction: float, *, seed: int = 0) -> tuple[np.n
 
 def _check_fraction(value, name: str, *, low_inclusive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name}: expected a number, got {value!r}")
+        raise InputTypeError(f"{name}: expected a number, got {value!r}")
     value = float(value)
     if not ((0 <= value if low_inclusive else 0 < value) and value < 1):
         interval = "[0, 1)" if low_inclusive else "(0, 1)"
-        raise ValueError(f"{name}: expected a fraction in {interval}, got {value}")
+        raise InputError(f"{name}: expected a fraction in {interval}, got {value}")
     return value
 
 
 def _as_index_array(values, name: str, n_pool: int) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise ValueError(f"{name}: expected a 1-D integer index array, got {arr.dtype} {arr.shape}")
+        raise InputError(f"{name}: expected a 1-D integer index array, got {arr.dtype} {arr.shape}")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if arr.size and (arr.min() < 0 or arr.max() >= n_pool):
-        raise ValueError(f"{name}: expected indices in [0, {n_pool}), got min {arr.min()}, max {arr.max()}")
+        raise InputError(f"{name}: expected indices in [0, {n_pool}), got min {arr.min()}, max {arr.max()}")
     if np.unique(arr).size != arr.size:
-        raise ValueError(f"{name}: expected unique indices, found {arr.size - np.unique(arr).size} duplicate(s)")
+        raise InputError(f"{name}: expected unique indices, found {arr.size - np.unique(arr).size} duplicate(s)")
     return arr
 
 
@@ -161,10 +162,10 @@ class Split:
         for name in PARTS:
             object.__setattr__(self, name, _as_index_array(getattr(self, name), name, self.n_pool))
         if np.setdiff1d(self.val, self.train).size:
-            raise ValueError("val: expected a subset of train")
+            raise InputError("val: expected a subset of train")
         for other in ("train", "database"):
             if np.intersect1d(self.query, getattr(self, other)).size:
-                raise ValueError(f"query: expected no overlap with {other}")
+                raise InputError(f"query: expected no overlap with {other}")
 
     @property
     def fit(self) -> np.ndarray:
@@ -187,7 +188,7 @@ class Split:
         found = (labels_fingerprint(pool.targets) if self.pool_fingerprint.startswith("labels:")
                  else pool.fingerprint())
         if len(pool) != self.n_pool or found != self.pool_fingerprint:
-            raise ValueError(f"pool: this split was made for pool {self.pool_fingerprint} "
+            raise InputError(f"pool: this split was made for pool {self.pool_fingerprint} "
                              f"({self.n_pool} items), got pool {found} ({len(pool)} items)")
         return Subset(pool, getattr(self, part), transform=transform)
 
@@ -222,17 +223,17 @@ class Split:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError (a binary file)
-            raise ValueError(f"path: {path} is not a dfsnet split file ({type(exc).__name__}: {exc})") from None
+            raise InputError(f"path: {path} is not a dfsnet split file ({type(exc).__name__}: {exc})") from None
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            raise ValueError(f"path: {path} is not a dfsnet split file (no format {_FORMAT!r})")
+            raise InputError(f"path: {path} is not a dfsnet split file (no format {_FORMAT!r})")
         if data.get("version") != _VERSION:
-            raise ValueError(f"path: {path} has split format version {data.get('version')!r}; "
+            raise InputError(f"path: {path} has split format version {data.get('version')!r}; "
                              f"this dfsnet reads version {_VERSION}")
         missing = [k for k in ("protocol", "seed", "pool_fingerprint", "n_pool", *PARTS) if k not in data]
         if missing:
-            raise ValueError(f"path: {path} is missing {missing}")
+            raise InputError(f"path: {path} is missing {missing}")
         if expect_fingerprint is not None and data["pool_fingerprint"] != expect_fingerprint:
-            raise ValueError(f"path: split {path} was made for pool {data['pool_fingerprint']}, "
+            raise InputError(f"path: split {path} was made for pool {data['pool_fingerprint']}, "
                              f"but this pool is {expect_fingerprint}; make a new split for it")
         try:
             return cls(protocol=data["protocol"], seed=int(data["seed"]),
@@ -240,7 +241,7 @@ class Split:
                        params=dict(data.get("params") or {}),
                        **{name: np.asarray(data[name]) for name in PARTS})
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"path: {path} holds an invalid split: {exc}") from None
+            raise InputError(f"path: {path} holds an invalid split: {exc}") from None
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={v}" for k, v in self.sizes().items())
@@ -252,10 +253,10 @@ def _count_rule(params: dict, part: str):
     count_key, fraction_key = f"{part}_per_class", f"{part}_fraction"
     count, fraction = params[count_key], params.get(fraction_key)
     if count is not None and fraction is not None:
-        raise ValueError(f"{count_key}, {fraction_key}: give one of them, not both")
+        raise InputError(f"{count_key}, {fraction_key}: give one of them, not both")
     if count is not None:
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-            raise ValueError(f"{count_key}: expected a positive integer, got {count!r}")
+            raise InputError(f"{count_key}: expected a positive integer, got {count!r}")
         params[count_key] = count = int(count)
         return lambda n: count
     params[fraction_key] = fraction = _check_fraction(fraction, fraction_key, low_inclusive=False)
@@ -298,29 +299,29 @@ def make_split(protocol: str, pool_targets, *, pool_sources=None, seed: int = 0,
     check_choice(protocol, PROTOCOLS, name="protocol")
     targets = check_labels(pool_targets, name="pool_targets")
     if targets.ndim != 1 or targets.size == 0:
-        raise ValueError(f"pool_targets: expected a non-empty 1-D label array, got shape {targets.shape}")
+        raise InputError(f"pool_targets: expected a non-empty 1-D label array, got shape {targets.shape}")
     if targets.min() < 0:
-        raise ValueError("pool_targets: expected non-negative class labels (a labelled pool), found negative ones")
+        raise InputError("pool_targets: expected non-negative class labels (a labelled pool), found negative ones")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+        raise InputError(f"seed: expected a non-negative integer, got {seed!r}")
     val_fraction = _check_fraction(val_fraction, "val_fraction", low_inclusive=True)
     unknown = sorted(set(kw) - set(_PROTOCOL_KW[protocol]))
     if unknown:
-        raise TypeError(f"make_split(): protocol {protocol!r} takes no keyword(s) {unknown}; "
+        raise InputTypeError(f"make_split(): protocol {protocol!r} takes no keyword(s) {unknown}; "
                         f"it takes {sorted(_PROTOCOL_KW[protocol]) or 'none'}")
     params = {**_PROTOCOL_KW[protocol], **kw}
     sources = None
     if pool_sources is not None:
         sources = check_labels(pool_sources, targets.size, name="pool_sources")
         if not np.isin(sources, (0, 1)).all():
-            raise ValueError("pool_sources: expected 0 (train source) or 1 (test source) per item")
+            raise InputError("pool_sources: expected 0 (train source) or 1 (test source) per item")
     n = targets.size
     everything = np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(int(seed))
 
     if protocol == "paper":
         if sources is None or not (sources == 1).any() or not (sources == 0).any():
-            raise ValueError("pool_sources: protocol 'paper' needs a pool with both a train source (0) and a "
+            raise InputError("pool_sources: protocol 'paper' needs a pool with both a train source (0) and a "
                              "test source (1); for a source without a test split use 'per-class'")
         train = np.flatnonzero(sources == 0).astype(np.int64)
         query = np.flatnonzero(sources == 1).astype(np.int64)
@@ -328,7 +329,7 @@ def make_split(protocol: str, pool_targets, *, pool_sources=None, seed: int = 0,
     else:
         if protocol == "per-class":
             if not isinstance(params["database_includes_train"], (bool, np.bool_)):
-                raise TypeError(f"database_includes_train: expected a bool, "
+                raise InputTypeError(f"database_includes_train: expected a bool, "
                                 f"got {params['database_includes_train']!r}")
             params["database_includes_train"] = bool(params["database_includes_train"])
             for part, default in (("query", 0.1), ("train", 0.5)):
@@ -340,7 +341,7 @@ def make_split(protocol: str, pool_targets, *, pool_sources=None, seed: int = 0,
             members = rng.permutation(np.flatnonzero(targets == c))
             nq, nt = query_count(members.size), train_count(members.size)
             if nq + nt > members.size:
-                raise ValueError(
+                raise InputError(
                     f"pool_targets: class {int(c)} has {members.size} image(s), but protocol {protocol!r} draws "
                     f"{nq} query + {nt} train per class; lower query_per_class/train_per_class")
             queries.append(members[:nq])

@@ -22,6 +22,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from dfsnet.errors import InputError, InputTypeError
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_SCALE", "build_transforms"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,9 +49,9 @@ def _as_hw(value, name: str) -> tuple[int, int]:
     elif isinstance(value, (tuple, list)) and len(value) in (2, 3) and all(is_int(v) for v in value):
         hw = (int(value[-2]), int(value[-1]))
     else:
-        raise TypeError(f"{name}: expected an int or (H, W) / (3, H, W), got {value!r}")
+        raise InputTypeError(f"{name}: expected an int or (H, W) / (3, H, W), got {value!r}")
     if min(hw) < 1:
-        raise ValueError(f"{name}: expected positive sizes, got {value!r}")
+        raise InputError(f"{name}: expected positive sizes, got {value!r}")
     return hw
 
 
@@ -57,11 +59,11 @@ def _as_stats(value, name: str, *, positive: bool) -> tuple[float, float, float]
     try:
         stats = tuple(float(v) for v in value)
     except TypeError:
-        raise TypeError(f"{name}: expected 3 numbers (one per RGB channel), got {value!r}") from None
+        raise InputTypeError(f"{name}: expected 3 numbers (one per RGB channel), got {value!r}") from None
     if len(stats) != 3 or not all(math.isfinite(v) for v in stats):
-        raise ValueError(f"{name}: expected 3 finite numbers (one per RGB channel), got {value!r}")
+        raise InputError(f"{name}: expected 3 finite numbers (one per RGB channel), got {value!r}")
     if positive and min(stats) <= 0:
-        raise ValueError(f"{name}: expected positive values, got {value!r}")
+        raise InputError(f"{name}: expected positive values, got {value!r}")
     return stats
 
 
@@ -116,7 +118,7 @@ def build_transforms(meta_or_size, mean=None, std=None, *, train: bool, image_si
     if is_meta:
         input_size = _meta_get(meta_or_size, "input_size")
         if input_size is None:
-            raise TypeError(f"meta_or_size: expected a model meta with input_size, an int or a tuple, "
+            raise InputTypeError(f"meta_or_size: expected a model meta with input_size, an int or a tuple, "
                             f"got {type(meta_or_size).__name__}")
         mean = _meta_get(meta_or_size, "mean") if mean is None else mean
         std = _meta_get(meta_or_size, "std") if std is None else std
@@ -130,10 +132,10 @@ def build_transforms(meta_or_size, mean=None, std=None, *, train: bool, image_si
     std = _as_stats(IMAGENET_STD if std is None else std, "std", positive=True)
     crop_pct = DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct)
     if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct: expected a fraction in (0, 1], got {crop_pct}")
+        raise InputError(f"crop_pct: expected a fraction in (0, 1], got {crop_pct}")
     interpolation = interpolation or "bilinear"
     if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation: expected one of {list(_INTERPOLATIONS)}, got {interpolation!r}")
+        raise InputError(f"interpolation: expected one of {list(_INTERPOLATIONS)}, got {interpolation!r}")
     mode = _INTERPOLATIONS[interpolation]
     if train:
         geometry = [T.RandomResizedCrop(size, scale=TRAIN_SCALE, ratio=TRAIN_RATIO, interpolation=mode),

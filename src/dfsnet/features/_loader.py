@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dfsnet._validation import check_positive_int
+from dfsnet.errors import InputError, InputTypeError
 from dfsnet.models.precision import Precision
 
 
@@ -59,11 +60,11 @@ def resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: expected e.g. 'cpu', 'cuda' or 'cuda:1', got {device!r} ({exc})") from None
+        raise InputError(f"device: expected e.g. 'cpu', 'cuda' or 'cuda:1', got {device!r} ({exc})") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (dev.index is not None and dev.index >= count):
-            raise ValueError(f"device: got {device!r}, but this machine has {count} usable CUDA device(s); "
+            raise InputError(f"device: got {device!r}, but this machine has {count} usable CUDA device(s); "
                              "use 'cpu'" + (f" or 'cuda:0'..'cuda:{count - 1}'" if count else ""))
     return dev
 
@@ -80,9 +81,10 @@ def check_dataset(dataset, *, name: str = "dataset") -> int:
     try:
         n = len(dataset)
     except TypeError:
-        raise TypeError(f"{name}: expected a map-style dataset with __len__, got {type(dataset).__name__}") from None
+        raise InputTypeError(f"{name}: expected a map-style dataset with __len__, "
+                             f"got {type(dataset).__name__}") from None
     if n == 0:
-        raise ValueError(f"{name}: expected at least one item, got an empty dataset")
+        raise InputError(f"{name}: expected at least one item, got an empty dataset")
     return n
 
 
@@ -93,7 +95,7 @@ def iter_batches(dataset, *, batch_size: int, num_workers: int, device: torch.de
 
     check_positive_int(batch_size, name="batch_size")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
+        raise InputError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
     loader = DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -111,7 +113,7 @@ def inference_on(model: torch.nn.Module, device: torch.device, precision: Precis
     """Run ``model`` in eval mode on ``device``, its weights in ``precision``'s memory format;
     restore its mode, device and memory format afterwards."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module (a DFSNet), got {type(model).__name__}")
+        raise InputTypeError(f"model: expected a torch.nn.Module (a DFSNet), got {type(model).__name__}")
     was_training = model.training
     original = next((p.device for p in model.parameters()), None)
     model.eval().to(device)

@@ -10,6 +10,7 @@ import torch
 
 from dfsnet._io import atomic_write
 from dfsnet._validation import check_positive_int
+from dfsnet.errors import InputError, InputTypeError
 from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
 from dfsnet.models.precision import DEFAULT_PRECISION, resolve_precision
@@ -70,7 +71,7 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int =
     )
     if not ok.all():
         bad = np.flatnonzero(~ok)
-        raise ValueError(
+        raise InputError(
             f"dataset: {bad.size} of {ok.size} items could not be loaded "
             f"(first: {_describe(dataset, int(bad[0]))}); use extract_features_with_mask() to get "
             "the features of the others with a mask of the loaded items"
@@ -92,7 +93,8 @@ def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_work
         ``np.flatnonzero(ok)``.
     """
     if not callable(getattr(model, "features", None)):
-        raise TypeError(f"model: expected a module with a features() method (a DFSNet), got {type(model).__name__}")
+        raise InputTypeError(f"model: expected a module with a features() method (a DFSNet), "
+                             f"got {type(model).__name__}")
     n = check_dataset(dataset)
     check_positive_int(batch_size, name="batch_size")
     dev = resolve_device(device)
@@ -119,7 +121,7 @@ def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_work
             features[rows] = out.float().cpu().numpy()
             ok[rows] = True
     if features is None:
-        raise ValueError(f"dataset: none of its {n} items could be loaded (first: {_describe(dataset, 0)})")
+        raise InputError(f"dataset: none of its {n} items could be loaded (first: {_describe(dataset, 0)})")
     if not ok.all():
         logger.warning("features: %d of %d items could not be loaded and were skipped", int((~ok).sum()), n)
     if path is not None:
@@ -135,7 +137,7 @@ def features_cache_path(model, dataset, *, cache_dir, cache_key: str | None = No
     ``precision`` (a resolved name, "fp32" or "bf16")."""
     data = dataset_fingerprint(dataset)
     if data is None and cache_key is None:
-        raise ValueError(
+        raise InputError(
             f"cache_key: a {type(dataset).__name__} cannot be fingerprinted, so pass cache_key= "
             "naming its content and split (or no cache_dir)"
         )
@@ -165,13 +167,13 @@ def extract_from_maps(model, maps, *, batch_size: int = 256, device=None,
     features : ndarray of float32, shape (n, D)
     """
     if not callable(getattr(model, "head_features", None)):
-        raise TypeError(f"model: expected a DFSNet with head_features(), got {type(model).__name__}")
+        raise InputTypeError(f"model: expected a DFSNet with head_features(), got {type(model).__name__}")
     if not isinstance(maps, torch.Tensor):
         maps = np.asarray(maps)
         if maps.dtype.kind != "f":
-            raise TypeError(f"maps: expected a float array, got dtype {maps.dtype}")
+            raise InputTypeError(f"maps: expected a float array, got dtype {maps.dtype}")
     if maps.ndim != 4:
-        raise ValueError(f"maps: expected shape (n, C, h, w), got {tuple(maps.shape)}")
+        raise InputError(f"maps: expected shape (n, C, h, w), got {tuple(maps.shape)}")
     check_positive_int(batch_size, name="batch_size")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -185,7 +187,7 @@ def extract_from_maps(model, maps, *, batch_size: int = 256, device=None,
                 out = model.head_features(prec.prepare_input(block.to(dev, torch.float32)))
             chunks.append(out.float().cpu().numpy())
     if not chunks:
-        raise ValueError("maps: expected at least one row, got 0")
+        raise InputError("maps: expected at least one row, got 0")
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
 
 

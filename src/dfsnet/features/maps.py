@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dfsnet._io import atomic_write
+from dfsnet.errors import InputError
 from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
 from dfsnet.models.precision import DEFAULT_PRECISION, resolve_precision
@@ -63,7 +64,7 @@ def feature_maps_key(backbone: torch.nn.Module, dataset, *, precision: str = "fp
     hence the image size) + the precision the maps were computed in (a resolved name)."""
     data = dataset_fingerprint(dataset)
     if data is None:
-        raise ValueError(
+        raise InputError(
             f"dataset: a {type(dataset).__name__} cannot be fingerprinted for the feature-map cache; "
             "give it a `fingerprint` string attribute, or use an ImageFolder, Subset or TensorDataset"
         )
@@ -131,7 +132,7 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
                 with prec.autocast():
                     out = backbone(prec.prepare_input(batch.images))
                 if out.ndim != 4:
-                    raise ValueError(f"backbone: expected a (N, C, h, w) feature map, got shape {tuple(out.shape)}")
+                    raise InputError(f"backbone: expected a (N, C, h, w) feature map, got shape {tuple(out.shape)}")
                 if shape is None:
                     shape = tuple(out.shape[1:])
                     np.lib.format.write_array_header_1_0(fh, {
@@ -150,7 +151,7 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
                 ok[batch.indices[batch.ok]] = True
             fh.write(block.tobytes())
         if shape is None:
-            raise ValueError(f"dataset: none of its {n} items could be loaded")
+            raise InputError(f"dataset: none of its {n} items could be loaded")
     with atomic_write(meta_path) as fh:
         np.savez(fh, labels=labels, ok=ok, version=np.int64(_CACHE_VERSION))
     seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dfsnet._validation import check_positive_int
+from dfsnet.errors import InputError, InputTypeError
 
 __all__ = [
     "BACKBONE_ALIASES",
@@ -97,11 +98,11 @@ class ModelMeta:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"meta: unknown backbone meta keys {unknown}; expected keys from {sorted(names)}")
+            raise InputError(f"meta: unknown backbone meta keys {unknown}; expected keys from {sorted(names)}")
         try:
             meta = cls(**dict(data))
         except TypeError as exc:
-            raise ValueError(f"meta: incomplete backbone meta ({exc})") from None
+            raise InputError(f"meta: incomplete backbone meta ({exc})") from None
         return dataclasses.replace(
             meta,
             input_size=tuple(int(v) for v in meta.input_size),
@@ -140,9 +141,9 @@ class Backbone(nn.Module):
         """
         channels = self.meta.input_size[0]
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a torch.Tensor of shape (N, {channels}, H, W), got {type(x).__name__}")
+            raise InputTypeError(f"x: expected a torch.Tensor of shape (N, {channels}, H, W), got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != channels:
-            raise ValueError(f"x: expected a batch of shape (N, {channels}, H, W), got {tuple(x.shape)}")
+            raise InputError(f"x: expected a batch of shape (N, {channels}, H, W), got {tuple(x.shape)}")
         return self.model.forward_features(x)
 
     def extra_repr(self) -> str:
@@ -197,7 +198,7 @@ def create_backbone(
         the local cache.
     """
     if not isinstance(name, str):
-        raise TypeError(f"name: expected a backbone name (str), got {type(name).__name__}")
+        raise InputTypeError(f"name: expected a backbone name (str), got {type(name).__name__}")
     in_chans = check_positive_int(in_chans, name="in_chans")
     timm_name = _resolve_name(name)
     arch = timm.models.split_model_name_tag(timm_name)[0]
@@ -248,7 +249,7 @@ def _resolve_name(name: str) -> str:
     candidates = list(dict.fromkeys(list(BACKBONE_ALIASES) + timm.list_models()))
     close = difflib.get_close_matches(name, candidates, n=6, cutoff=0.6)
     hint = f"closest valid names: {', '.join(close)}" if close else "no close match"
-    raise ValueError(
+    raise InputError(
         f"name: unknown backbone {name!r}; {hint}. Named backbones: {', '.join(list_backbones())}; "
         "any timm CNN name also works (timm.list_models())."
     )
@@ -270,14 +271,14 @@ def _probe_feature_dim(model: nn.Module, *, name: str, timm_name: str, cfg: Mapp
         with torch.no_grad():
             out = model.forward_features(torch.zeros(1, in_chans, height, width))
     except Exception as exc:
-        raise ValueError(f"name: backbone {name!r} ({timm_name}) failed on a {height}x{width} probe image "
+        raise InputError(f"name: backbone {name!r} ({timm_name}) failed on a {height}x{width} probe image "
                          f"({type(exc).__name__}: {exc}); dfsnet supports timm CNN backbones") from exc
     finally:
         model.train(was_training)
     num_features = getattr(model, "num_features", None)
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or (num_features and out.shape[1] != num_features):
-        raise ValueError(
+        raise InputError(
             f"name: {name!r} ({timm_name}) is not a CNN backbone: forward_features returns {shape}, "
             f"not a (N, C, h, w) feature map with C = {num_features}; dfsnet supports CNN backbones only"
         )
@@ -287,7 +288,7 @@ def _probe_feature_dim(model: nn.Module, *, name: str, timm_name: str, cfg: Mapp
 def _create_timm_pretrained(timm_name: str, *, in_chans: int) -> nn.Module:
     cfg = timm.models.get_pretrained_cfg(timm_name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
-        raise ValueError(f"pretrained: timm has no pretrained weights for {timm_name!r}; use pretrained=False "
+        raise InputError(f"pretrained: timm has no pretrained weights for {timm_name!r}; use pretrained=False "
                          "or pass weights=PATH to a local state dict")
     try:
         return timm.create_model(timm_name, pretrained=True, num_classes=0, in_chans=in_chans)
@@ -367,13 +368,13 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as exc:
-            raise ValueError(f"weights: {path} is not a readable safetensors file ({exc})") from None
+            raise InputError(f"weights: {path} is not a readable safetensors file ({exc})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     # A malformed file fails inside torch's restricted unpickler or zip reader with many exception
     # types (UnpicklingError, RuntimeError, EOFError, struct.error, ...); weights_only executes no code.
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"weights: {path} is not a state dict that loads with torch.load(weights_only=True) "
+        raise InputError(f"weights: {path} is not a state dict that loads with torch.load(weights_only=True) "
                          f"({type(exc).__name__}: {exc})") from None
     # Training checkpoints nest the weights one level down.
     if isinstance(obj, Mapping):
@@ -384,7 +385,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         found = type(obj).__name__ if not isinstance(obj, Mapping) else "a mapping with non-tensor entries or none"
-        raise ValueError(f"weights: {path} is not a state dict: expected a mapping of parameter names to "
+        raise InputError(f"weights: {path} is not a state dict: expected a mapping of parameter names to "
                          f"tensors, found {found}")
     return dict(obj)
 
@@ -407,7 +408,7 @@ def _load_weights_file(model: nn.Module, path: str | os.PathLike, *, timm_name: 
         state = {k: v for k, v in state.items() if k not in dropped}
     mismatch = state_dict_mismatch(expected, state)
     if mismatch:
-        raise ValueError(f"weights: {path} does not fit timm's {timm_name!r}: {mismatch}")
+        raise InputError(f"weights: {path} does not fit timm's {timm_name!r}: {mismatch}")
     model.load_state_dict(state, strict=True)
 
 

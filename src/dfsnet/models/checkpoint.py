@@ -17,6 +17,7 @@ from torch import nn
 
 from dfsnet import __version__
 from dfsnet._io import atomic_write_bytes, sha256_file
+from dfsnet.errors import InputError, InputTypeError
 from dfsnet.models.backbones import BACKBONE_ALIASES, create_backbone, state_dict_mismatch
 from dfsnet.models.network import DFSNet, DFSNetMeta
 
@@ -25,6 +26,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "checkpoint_hash", "load_checkpoint", "sa
 logger = logging.getLogger(__name__)
 
 FORMAT = "dfsnet.checkpoint"
+# The conventional file name of a checkpoint: `dfsnet train`'s output and an index's model copy.
+MODEL_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 _HEADER_KEY = "dfsnet"
 _EXPECT_KEYS = ("backbone", "num_classes", "dfs")
@@ -52,9 +55,9 @@ def save_checkpoint(model: DFSNet, path: str | os.PathLike, *, extra: Mapping[st
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
     if not isinstance(model, DFSNet):
-        raise TypeError(f"model: expected a DFSNet, got {type(model).__name__}")
+        raise InputTypeError(f"model: expected a DFSNet, got {type(model).__name__}")
     if extra is not None and not isinstance(extra, Mapping):
-        raise TypeError(f"extra: expected a mapping or None, got {type(extra).__name__}")
+        raise InputTypeError(f"extra: expected a mapping or None, got {type(extra).__name__}")
     # One metadata entry: safetensors writes its metadata map in arbitrary order, so several
     # entries would make the bytes (and checkpoint_hash) of identical models differ.
     header = {
@@ -67,7 +70,7 @@ def save_checkpoint(model: DFSNet, path: str | os.PathLike, *, extra: Mapping[st
     try:
         metadata = {_HEADER_KEY: json.dumps(header, sort_keys=True)}
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"extra: expected JSON-serialisable values ({exc})") from None
+        raise InputTypeError(f"extra: expected JSON-serialisable values ({exc})") from None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     atomic_write_bytes(path, save(tensors, metadata=metadata))
@@ -91,24 +94,24 @@ def read_checkpoint_meta(path: str | os.PathLike) -> tuple[DFSNetMeta, dict[str,
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = fh.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"path: {path} is not a readable safetensors checkpoint ({exc})") from None
+        raise InputError(f"path: {path} is not a readable safetensors checkpoint ({exc})") from None
     try:
         header = json.loads(metadata[_HEADER_KEY])
         found_format = header.get("format")
     except (KeyError, json.JSONDecodeError, AttributeError):
         header, found_format = {}, None
     if found_format != FORMAT:
-        raise ValueError(f"path: {path} is a safetensors file but not a dfsnet checkpoint "
+        raise InputError(f"path: {path} is a safetensors file but not a dfsnet checkpoint "
                          f"(no {FORMAT!r} header in its metadata)")
     version = header.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"path: {path} has checkpoint format version {version!r}; this dfsnet "
+        raise InputError(f"path: {path} has checkpoint format version {version!r}; this dfsnet "
                          f"({__version__}) reads versions up to {FORMAT_VERSION}")
     try:
         meta = DFSNetMeta.from_dict(header["meta"])
         extra = dict(header["extra"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"path: {path} has a malformed dfsnet header ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"path: {path} has a malformed dfsnet header ({type(exc).__name__}: {exc})") from None
     return meta, extra
 
 
@@ -157,10 +160,10 @@ def load_checkpoint(
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"path: {path} is not a readable safetensors checkpoint ({exc})") from None
+        raise InputError(f"path: {path} is not a readable safetensors checkpoint ({exc})") from None
     mismatch = state_dict_mismatch(model.state_dict(), state)
     if mismatch:
-        raise ValueError(f"path: the weights in {path} do not fit the {meta.timm_name} DFSNet its meta "
+        raise InputError(f"path: the weights in {path} do not fit the {meta.timm_name} DFSNet its meta "
                          f"describes (saved with another timm version?): {mismatch}")
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval(), extra
@@ -181,7 +184,7 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
 def _check_expected(meta: DFSNetMeta, expect: Mapping[str, Any], path: str | os.PathLike) -> None:
     unknown = sorted(set(expect) - set(_EXPECT_KEYS))
     if unknown:
-        raise ValueError(f"expect: unknown keys {unknown}; expected any of {list(_EXPECT_KEYS)}")
+        raise InputError(f"expect: unknown keys {unknown}; expected any of {list(_EXPECT_KEYS)}")
     found = {"backbone": meta.name, "num_classes": meta.num_classes, "dfs": meta.dfs}
     mismatched = []
     if "backbone" in expect:
@@ -192,5 +195,5 @@ def _check_expected(meta: DFSNetMeta, expect: Mapping[str, Any], path: str | os.
     if mismatched:
         made = ", ".join(f"{k}={found[k]!r}" for k in _EXPECT_KEYS if k in expect)
         wanted = ", ".join(f"{k}={expect[k]!r}" for k in _EXPECT_KEYS if k in expect)
-        raise ValueError(f"path: checkpoint {path} was made for {made} ({meta.timm_name}), "
+        raise InputError(f"path: checkpoint {path} was made for {made} ({meta.timm_name}), "
                          f"but {wanted} is expected")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dfsnet._validation import check_positive_int
+from dfsnet.errors import InputError, InputTypeError
 from dfsnet.models.backbones import Backbone, ModelMeta
 
 __all__ = ["DFSModule", "DFSNet", "DFSNetMeta", "dfs_branch_widths"]
@@ -48,7 +49,7 @@ def dfs_branch_widths(out_channels: int) -> tuple[int, int, int, int]:
     for i in by_remainder[: out_channels - sum(widths)]:
         widths[i] += 1
     if min(widths[0], widths[3]) < 1 or min(widths[1], widths[2]) < 2:
-        raise ValueError(f"out_channels: expected at least 6 so that every DFS branch has a channel, "
+        raise InputError(f"out_channels: expected at least 6 so that every DFS branch has a channel, "
                          f"got {out_channels} (branch widths {tuple(widths)})")
     return tuple(widths)
 
@@ -201,7 +202,7 @@ class DFSNetMeta(collections.abc.Mapping):
         names = [f.name for f in dataclasses.fields(cls)]
         if not isinstance(data, Mapping) or sorted(data) != sorted(names):
             found = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-            raise ValueError(f"meta: expected keys {sorted(names)}, found {found}")
+            raise InputError(f"meta: expected keys {sorted(names)}, found {found}")
         names_ = data["class_names"]
         return cls(
             backbone=ModelMeta.from_dict(data["backbone"]),
@@ -251,19 +252,19 @@ class DFSNet(nn.Module):
     ):
         super().__init__()
         if not isinstance(backbone, Backbone):
-            raise TypeError(f"backbone: expected a dfsnet.models.Backbone (from create_backbone), "
+            raise InputTypeError(f"backbone: expected a dfsnet.models.Backbone (from create_backbone), "
                             f"got {type(backbone).__name__}")
         num_classes = check_positive_int(num_classes, name="num_classes")
         if num_classes < 2:
-            raise ValueError(f"num_classes: expected at least 2 classes, got {num_classes}")
+            raise InputError(f"num_classes: expected at least 2 classes, got {num_classes}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+            raise InputError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         if class_names is not None:
             if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
-                raise TypeError(f"class_names: expected a sequence of str, got {class_names!r}")
+                raise InputTypeError(f"class_names: expected a sequence of str, got {class_names!r}")
             class_names = tuple(class_names)
             if len(class_names) != num_classes:
-                raise ValueError(f"class_names: expected {num_classes} names (num_classes), got {len(class_names)}")
+                raise InputError(f"class_names: expected {num_classes} names (num_classes), got {len(class_names)}")
         reduce_channels = check_positive_int(reduce_channels, name="reduce_channels")
         dim = backbone.meta.feature_dim
         self.backbone = backbone
@@ -314,9 +315,9 @@ class DFSNet(nn.Module):
         """
         dim = self.meta.feature_dim
         if not isinstance(fmap, torch.Tensor):
-            raise TypeError(f"fmap: expected a torch.Tensor of shape (N, {dim}, h, w), got {type(fmap).__name__}")
+            raise InputTypeError(f"fmap: expected a torch.Tensor of shape (N, {dim}, h, w), got {type(fmap).__name__}")
         if fmap.dim() != 4 or fmap.shape[1] != dim:
-            raise ValueError(f"fmap: expected a feature map of shape (N, {dim}, h, w), got {tuple(fmap.shape)}")
+            raise InputError(f"fmap: expected a feature map of shape (N, {dim}, h, w), got {tuple(fmap.shape)}")
         return self.pool(self.dfs(fmap)).flatten(1)
 
     def head_forward(self, fmap: torch.Tensor) -> torch.Tensor:

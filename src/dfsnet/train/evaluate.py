@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dfsnet.errors import InputError
 from dfsnet.features._loader import check_dataset, inference_on, iter_batches, resolve_device
 
 __all__ = ["evaluate_accuracy"]
@@ -38,10 +39,10 @@ def evaluate_accuracy(model, dataset, *, batch_size: int = 64, num_workers: int 
             if batch.images is None:
                 continue
             if (batch.labels < 0).any():
-                raise ValueError("dataset: expected labelled items (image, label) to measure accuracy")
+                raise InputError("dataset: expected labelled items (image, label) to measure accuracy")
             predicted = model(batch.images).argmax(dim=1).cpu().numpy()
             correct += int(np.sum(predicted == batch.labels))
             seen += int(batch.labels.size)
     if seen == 0:
-        raise ValueError(f"dataset: none of its {n} images could be loaded")
+        raise InputError(f"dataset: none of its {n} images could be loaded")
     return correct / seen

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from dfsnet.errors import InputError
 from dfsnet.features.maps import FeatureMaps, cached_feature_maps
 
 logger = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class MapsDataModule(L.LightningDataModule):
         for name in self.sets:
             maps = self._maps(name)
             if not maps.ok.any():
-                raise ValueError(f"{name}_set: none of its {len(maps)} images could be loaded")
+                raise InputError(f"{name}_set: none of its {len(maps)} images could be loaded")
             self.maps[name] = maps
 
     def train_dataloader(self) -> DataLoader:

@@ -21,24 +21,26 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from dfsnet._io import atomic_write_text
 from dfsnet._validation import check_choice, check_positive_int
+from dfsnet.errors import InputError, InputTypeError
 from dfsnet.features.fingerprint import dataset_fingerprint, module_fingerprint
+from dfsnet.models.checkpoint import MODEL_FILE
+from dfsnet.train.workflow import MODES
 
 __all__ = ["TrainResult", "train_model"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("head", "full")
 OPTIMIZERS = ("adamw", "sgd")
-MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "train_config.json"
 # Settings that must not change when a run is resumed (learning rate and epochs may).
 _RESUME_KEYS = ("mode", "backbone", "num_classes", "dfs", "reduce_channels", "optimizer",
@@ -184,7 +186,7 @@ def train_model(
 
     start = time.perf_counter()
     if not isinstance(model, DFSNet):
-        raise TypeError(f"model: expected a dfsnet.models.DFSNet, got {type(model).__name__}")
+        raise InputTypeError(f"model: expected a dfsnet.models.DFSNet, got {type(model).__name__}")
     check_choice(mode, MODES, name="mode")
     check_choice(optimizer, OPTIMIZERS, name="optimizer")
     epochs = check_positive_int(epochs, name="epochs")
@@ -193,16 +195,16 @@ def train_model(
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum),
                         ("backbone_lr_mult", backbone_lr_mult), ("warmup_epochs", warmup_epochs)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ValueError(f"{name}: expected a finite non-negative number, got {value!r}")
+            raise InputError(f"{name}: expected a finite non-negative number, got {value!r}")
     if lr <= 0:
-        raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
+        raise InputError(f"lr: expected a positive learning rate, got {lr!r}")
     if patience is not None:
         patience = check_positive_int(patience, name="patience")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
+        raise InputError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
     for name, ds in (("train_set", train_set), ("val_set", val_set)):
         if ds is None or len(ds) == 0:
-            raise ValueError(f"{name}: expected a non-empty dataset, got "
+            raise InputError(f"{name}: expected a non-empty dataset, got "
                              f"{'None' if ds is None else 'an empty one'}")
         _check_label_range(ds, model.meta.num_classes, name)
     if mode == "head" and "Random" in repr(getattr(train_set, "transform", None)):
@@ -327,12 +329,12 @@ def _check_resumable(path: Path, config: dict) -> None:
     except (OSError, ValueError):
         previous = None
     if not isinstance(previous, dict):
-        raise ValueError(f"resume: {path.parent} has a checkpoint but no readable {CONFIG_FILE}; "
+        raise InputError(f"resume: {path.parent} has a checkpoint but no readable {CONFIG_FILE}; "
                          "pass resume=False (--no-resume) to start over")
     changed = [f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in _RESUME_KEYS
                if previous.get(k) != config.get(k)]
     if changed:
-        raise ValueError(f"resume: the run in {path.parent} was made with other settings ({'; '.join(changed)}); "
+        raise InputError(f"resume: the run in {path.parent} was made with other settings ({'; '.join(changed)}); "
                          "use another output folder or resume=False (--no-resume) to start over")
 
 
@@ -344,7 +346,7 @@ def _check_label_range(dataset, num_classes: int, name: str) -> None:
         return
     targets = np.asarray(targets)
     if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
-        raise ValueError(f"{name}: expected class labels in [0, {num_classes}) for a model with "
+        raise InputError(f"{name}: expected class labels in [0, {num_classes}) for a model with "
                          f"num_classes={num_classes}, found labels in [{targets.min()}, {targets.max()}]")
 
 
@@ -353,7 +355,7 @@ def _peek(last_ckpt: Path) -> dict:
     try:
         ckpt = torch.load(last_ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 -- a truncated file fails in many ways inside torch
-        raise ValueError(f"resume: {last_ckpt} is unreadable ({type(exc).__name__}: {exc}); pass "
+        raise InputError(f"resume: {last_ckpt} is unreadable ({type(exc).__name__}: {exc}); pass "
                          "resume=False (--no-resume) to start over") from None
     callbacks = ckpt.get("callbacks", {})
     epochs = next((s.get("epochs", []) for k, s in callbacks.items() if k.startswith("History")), [])
