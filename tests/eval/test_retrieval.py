@@ -94,3 +94,84 @@ def test_bad_input(digits_split):
     bad[3, 5] = np.nan
     with pytest.raises(ValueError, match="db_features: expected finite values"):
         retrieval_eval(Xtr, ytr, Xq, yq, bad, ydb, bits=(16,))
+
+
+# ---------------------------------------------------------------- scoring the index's own output
+
+
+def _random_split(rng, d=12, n_train=300, nq=40, n_db=500, levels=4, n_classes=5):
+    """Small-integer features: every float32 distance is exact, so brute force and index agree
+    to the last bit and exact ties abound (both tie modes matter)."""
+    def make(n):
+        y = rng.integers(0, n_classes, n)
+        return (rng.integers(0, levels, (n, d)) + (y[:, None] % 2)).astype(np.float32), y
+    return (*make(n_train), *make(nq), *make(n_db))
+
+
+@pytest.mark.parametrize("selector, hasher, bits", [("gain_ratio", "sample_mean", (4, 8, 12)),
+                                                    ("random", "feature_mean", (5, 12)),
+                                                    (None, "zero", (12,)),
+                                                    ("gain_ratio", "itq", (3, 6))])
+def test_numbers_equal_brute_force_maps_on_random_data(rng, selector, hasher, bits):
+    Xtr, ytr, Xq, yq, Xdb, ydb = _random_split(rng)
+    k = 37
+    rows = retrieval_eval(Xtr, ytr, Xq, yq, Xdb, ydb, bits=bits, selector=selector, hasher=hasher, k=k,
+                          ties=("stable", "expected"))
+    for row in rows:
+        if row["metric"] == "euclidean":
+            full = euclidean_map(Xq, Xdb, yq, ydb, ties=row["ties"])
+            top = euclidean_map(Xq, Xdb, yq, ydb, k=k, ties=row["ties"])
+        else:
+            enc = make_encoder(selector=selector, hasher=hasher,
+                               n_bits=None if selector is None and hasher != "itq" else row["bits"]).fit(Xtr, ytr)
+            q, db = enc.transform(Xq), enc.transform(Xdb)
+            full = hamming_map(q, db, yq, ydb, ties=row["ties"])
+            top = hamming_map(q, db, yq, ydb, k=k, ties=row["ties"])
+        assert (row["map_all"], row["map_at_k"], row["precision_at_k"]) == (full.map, top.map, top.precision_at_k)
+
+
+@pytest.mark.parametrize("index_cls", ["HammingIndex", "FloatIndex"])
+def test_a_misordered_index_result_changes_the_map(rng, monkeypatch, index_cls):
+    import dfsnet.index as index_module
+
+    split = _random_split(rng)
+    kw = dict(bits=(8,), k=25, ties=("stable", "expected"))
+    honest = retrieval_eval(*split, **kw)
+    cls = getattr(index_module, index_cls)
+    search = cls.search
+
+    def misordered(self, q, k):
+        dist, ids = search(self, q, k)
+        if k < len(self):
+            return dist, ids  # the timed top-k search: untouched
+        # Swap the first and the last item of every ranking (distances left as they were).
+        ids = ids.copy()
+        ids[:, [0, -1]] = ids[:, [-1, 0]]
+        return dist, ids
+
+    monkeypatch.setattr(cls, "search", misordered)
+    broken = retrieval_eval(*split, **kw)
+    metric = "hamming" if index_cls == "HammingIndex" else "euclidean"
+    for a, b in zip(honest, broken):
+        if a["metric"] == metric:
+            # Stable: another ranking; expected: the first and last groups of equal distances now
+            # hold other items.
+            assert b["map_all"] != a["map_all"] and b["map_at_k"] != a["map_at_k"]
+        else:
+            assert (b["map_all"], b["map_at_k"]) == (a["map_all"], a["map_at_k"])
+
+
+def test_an_index_result_that_is_no_permutation_is_refused(rng, monkeypatch):
+    from dfsnet.index import HammingIndex
+
+    search = HammingIndex.search
+
+    def duplicated(self, q, k):
+        dist, ids = search(self, q, k)
+        ids = ids.copy()
+        ids[:, 1] = ids[:, 0]
+        return dist, ids
+
+    monkeypatch.setattr(HammingIndex, "search", duplicated)
+    with pytest.raises(ValueError, match=r"search: expected every row of ids to be a permutation"):
+        retrieval_eval(*_random_split(rng), bits=(8,), k=10, euclidean=False)

@@ -59,7 +59,7 @@ def test_bad_input():
         pack_bits([[0, 2]])
     with pytest.raises(ValueError, match="bits: expected a 2-D array"):
         pack_bits([True, False])
-    with pytest.raises(TypeError, match="codes: expected packed codes of dtype uint8, got int64"):
+    with pytest.raises(TypeError, match="codes: expected packed uint8 codes, got dtype int64"):
         unpack_bits(np.zeros((2, 1), dtype=np.int64), 8)
     with pytest.raises(ValueError, match="codes: expected 2 bytes per code for n_bits=9, got 1"):
         unpack_bits(np.zeros((2, 1), dtype=np.uint8), 9)
@@ -67,7 +67,7 @@ def test_bad_input():
         unpack_bits(np.zeros((2, 1), dtype=np.uint8), 0)
     with pytest.raises(ValueError, match="b: expected codes of 2 bytes like a, got 1"):
         hamming_distances(np.zeros((2, 2), np.uint8), np.zeros((2, 1), np.uint8))
-    with pytest.raises(TypeError, match="a: expected packed codes of dtype uint8"):
+    with pytest.raises(TypeError, match="a: expected packed uint8 codes"):
         hamming_distances(np.zeros((2, 2), np.float32), np.zeros((2, 2), np.uint8))
     with pytest.raises(ValueError, match="b: expected a 2-D array"):
         hamming_distances(np.zeros((2, 2), np.uint8), np.zeros(2, np.uint8))

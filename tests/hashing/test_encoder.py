@@ -11,7 +11,7 @@ from sklearn.exceptions import NotFittedError
 from dfsnet.hashing import (
     Encoder,
     ITQHasher,
-    MeanThresholdHasher,
+    ThresholdHasher,
     make_encoder,
     unpack_bits,
 )
@@ -123,9 +123,9 @@ def test_encoder_bad_input(tmp_path, data):
         enc.transform(X[:, 1:])
     with pytest.raises(TypeError, match="random_state: expected an int or None, got Generator"):
         Encoder(selector=RandomSelector(n_features=4, random_state=np.random.default_rng(0)),
-                hasher=MeanThresholdHasher()).fit(X)
-    enc = Encoder(selector=RandomSelector(n_features=4), hasher=MeanThresholdHasher()).fit(X)
-    enc.selector.set_params(random_state=np.random.default_rng(0))
+                hasher=ThresholdHasher()).fit(X)
+    enc = Encoder(selector=RandomSelector(n_features=4), hasher=ThresholdHasher()).fit(X)
+    enc.selector_.set_params(random_state=np.random.default_rng(0))
     with pytest.raises(TypeError, match="selector.random_state: only None, bool, int, float or str can be saved"):
         enc.save(tmp_path / "g.npz")
     assert not (tmp_path / "g.npz").exists()
@@ -207,3 +207,62 @@ def test_load_refuses_inconsistent_contents(saved):
     _rewrite(saved, meta=np.array("{not json"))
     with pytest.raises(ValueError, match="invalid dfsnet encoder file"):
         Encoder.load(saved)
+
+
+def test_files_naming_mean_threshold_hasher_still_load(tmp_path, data):
+    # Encoder files written before the rename name the hasher class MeanThresholdHasher.
+    X, y = data
+    enc = make_encoder("gain_ratio", "feature_mean", 8).fit(X, y)
+    enc.save(tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz", allow_pickle=False) as f:
+        contents = {key: f[key] for key in f.files}
+    meta = json.loads(str(contents["meta"]))
+    assert meta["hasher"]["class"] == "ThresholdHasher"
+    meta["hasher"]["class"] = "MeanThresholdHasher"
+    contents["meta"] = np.array(json.dumps(meta, sort_keys=True))
+    np.savez(tmp_path / "old.npz", **contents)
+    loaded = Encoder.load(tmp_path / "old.npz")
+    assert type(loaded.hasher_) is ThresholdHasher
+    np.testing.assert_array_equal(loaded.transform(X), enc.transform(X))
+    loaded.save(tmp_path / "again.npz")
+    with np.load(tmp_path / "again.npz", allow_pickle=False) as f:
+        assert json.loads(str(f["meta"]))["hasher"]["class"] == "ThresholdHasher"
+
+
+def test_fit_leaves_the_step_parameters_unfitted(data):
+    X, y = data
+    enc = make_encoder("gain_ratio", "feature_median", 8)
+    enc.fit(X, y)
+    assert not hasattr(enc.selector, "ranking_") and not hasattr(enc.hasher, "n_bits_")
+    assert enc.selector_.n_features == 8 and enc.hasher_.n_bits_ == 8
+
+
+@pytest.mark.parametrize("selector, hasher, kw", [("gain_ratio", "sample_mean", {}),
+                                                  ("gain_ratio", "feature_mean", {}),
+                                                  ("random", "feature_median", {"random_state": 3}),
+                                                  ("gain_ratio", "zero", {}),
+                                                  ("gain_ratio", "itq", {"n_iter": 5}),
+                                                  (None, "itq", {"n_iter": 5})])
+def test_with_n_bits_equals_fitting_that_length(data, selector, hasher, kw):
+    X, y = data
+    wide = make_encoder(selector, hasher, 24, **kw).fit(X, y)
+    for b in (1, 7, 16, 24):
+        short = wide.with_n_bits(b, X)
+        alone = make_encoder(selector, hasher, b, **kw).fit(X, y)
+        assert short.n_bits_ == b and short.n_features_in_ == 40
+        np.testing.assert_array_equal(short.transform(X), alone.transform(X))
+        assert repr(short) == repr(alone)
+    assert wide.n_bits_ == 24  # not modified
+
+
+def test_with_n_bits_refusals(data):
+    X, y = data
+    enc = make_encoder("gain_ratio", "feature_mean", 8).fit(X, y)
+    with pytest.raises(ValueError, match=r"n_bits: expected at most 8, got 9 \(a prefix"):
+        enc.with_n_bits(9)
+    with pytest.raises(ValueError, match="n_bits: a ThresholdHasher without a selector makes one bit per input"):
+        make_encoder(None, "zero").fit(X).with_n_bits(4)
+    with pytest.raises(ValueError, match="X: ITQHasher must be refitted for n_bits=4; pass the training features"):
+        make_encoder(None, "itq", 8).fit(X).with_n_bits(4)
+    with pytest.raises(NotFittedError):
+        make_encoder("gain_ratio", "sample_mean", 8).with_n_bits(4)

@@ -1,18 +1,18 @@
-"""MeanThresholdHasher (the paper's Algorithm 1 and variants) and ITQHasher."""
+"""ThresholdHasher (the paper's Algorithm 1 and variants) and ITQHasher."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
 
-from dfsnet.hashing import ITQHasher, MeanThresholdHasher, unpack_bits
+from dfsnet.hashing import ITQHasher, ThresholdHasher, unpack_bits
 
 
 def test_paper_rule_bit_exact():
     # Row means 0.5 and 2.0; a value equal to the mean gives bit 1.
     X = np.array([[0.2, 0.9, 0.4, 0.5, 0.0, 1.0, 0.5, 0.5, 0.5],
                   [3.0, 1.0, 2.0, 2.0, 0.0, 4.0, 1.5, 2.5, 2.0]], dtype=np.float32)
-    h = MeanThresholdHasher().fit(X[:1])
+    h = ThresholdHasher().fit(X[:1])
     assert h.n_bits_ == 9 and not hasattr(h, "thresholds_")
     codes = h.transform(X)
     # row 0 bits 0 1 0 1 0 1 1 1 | 1 ; row 1 bits 1 0 1 1 0 1 0 1 | 1
@@ -21,24 +21,24 @@ def test_paper_rule_bit_exact():
 
 def test_sample_mean_ignores_fit_data(rng):
     X = rng.standard_normal((5, 16)).astype(np.float32)
-    a = MeanThresholdHasher().fit(X).transform(X)
-    b = MeanThresholdHasher().fit(X * 100 + 7).transform(X)
+    a = ThresholdHasher().fit(X).transform(X)
+    b = ThresholdHasher().fit(X * 100 + 7).transform(X)
     np.testing.assert_array_equal(a, b)
 
 
 def test_per_feature_and_zero_thresholds():
     X = np.array([[0.0, -1.0, 5.0], [1.0, 0.0, 6.0], [5.0, 1.0, 100.0]], dtype=np.float32)
-    mean = MeanThresholdHasher(threshold="feature_mean").fit(X)
+    mean = ThresholdHasher(threshold="feature_mean").fit(X)
     np.testing.assert_allclose(mean.thresholds_, [2.0, 0.0, 37.0])
     np.testing.assert_array_equal(unpack_bits(mean.transform(X), 3),
                                   [[0, 0, 0], [0, 1, 0], [1, 1, 1]])
-    median = MeanThresholdHasher(threshold="feature_median").fit(X)
+    median = ThresholdHasher(threshold="feature_median").fit(X)
     np.testing.assert_allclose(median.thresholds_, [1.0, 0.0, 6.0])
     np.testing.assert_array_equal(unpack_bits(median.transform(X), 3),
                                   [[0, 0, 0], [1, 1, 1], [1, 1, 1]])
     # "zero" is strict: a ReLU-zero feature is a 0 bit, otherwise every bit of pooled
     # non-negative features would be 1.
-    zero = MeanThresholdHasher(threshold="zero").fit(X)
+    zero = ThresholdHasher(threshold="zero").fit(X)
     np.testing.assert_array_equal(unpack_bits(zero.transform(X), 3),
                                   [[0, 0, 1], [1, 0, 1], [1, 1, 1]])
     # Refitting with a rule that learns nothing drops the old thresholds.
@@ -48,10 +48,10 @@ def test_per_feature_and_zero_thresholds():
 def test_threshold_hasher_bad_input():
     X = np.zeros((3, 4), dtype=np.float32)
     with pytest.raises(NotFittedError):
-        MeanThresholdHasher().transform(X)
+        ThresholdHasher().transform(X)
     with pytest.raises(ValueError, match=r"threshold: expected one of \['sample_mean'"):
-        MeanThresholdHasher(threshold="median").fit(X)
-    h = MeanThresholdHasher().fit(X)
+        ThresholdHasher(threshold="median").fit(X)
+    h = ThresholdHasher().fit(X)
     with pytest.raises(ValueError, match="X: expected 4 columns .* got 3"):
         h.transform(X[:, :3])
     with pytest.raises(ValueError, match="X: expected finite values"):
@@ -128,7 +128,7 @@ def test_itq_bad_input(anisotropic):
         ITQHasher()  # n_bits is required
 
 
-@pytest.mark.parametrize("cls, params", [(MeanThresholdHasher, {"threshold": "feature_median"}),
+@pytest.mark.parametrize("cls, params", [(ThresholdHasher, {"threshold": "feature_median"}),
                                          (ITQHasher, {"n_bits": 4, "n_iter": 3, "random_state": 2})])
 def test_hashers_clone_and_run_in_a_pipeline(anisotropic, cls, params):
     from sklearn.base import clone
@@ -143,3 +143,18 @@ def test_hashers_clone_and_run_in_a_pipeline(anisotropic, cls, params):
     scaled = StandardScaler().fit(X).transform(X)
     np.testing.assert_array_equal(pipe.transform(X), clone(hasher).fit(scaled).transform(scaled))
     assert pipe.transform(X).dtype == np.uint8
+
+
+@pytest.mark.parametrize("threshold", ["sample_mean", "feature_mean", "feature_median", "zero"])
+def test_threshold_prefix_equals_fitting_the_prefix(rng, threshold):
+    X = rng.standard_normal((101, 30)).astype(np.float32)
+    wide = ThresholdHasher(threshold=threshold).fit(X)
+    for b in (1, 9, 30):
+        short = wide.with_n_features(b)
+        alone = ThresholdHasher(threshold=threshold).fit(np.ascontiguousarray(X[:, :b]))
+        assert short.n_bits_ == short.n_features_in_ == b
+        np.testing.assert_array_equal(short.transform(X[:, :b]), alone.transform(X[:, :b]))
+        if hasattr(alone, "thresholds_"):
+            np.testing.assert_array_equal(short.thresholds_, alone.thresholds_)
+    with pytest.raises(ValueError, match="n_features: expected at most 30, got 31"):
+        wide.with_n_features(31)

@@ -103,3 +103,26 @@ def test_bad_arguments():
         index.search(np.eye(3), 0)
     with pytest.raises(ValueError, match="ids: expected shape"):
         index.add(np.eye(3), ids=[10, 11])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_whole_index_search_equals_direct_distances(rng, metric):
+    # k >= len(index) ranks every vector from a float64 matrix product, re-checking near ties
+    # directly: the same order and float32 distances as the direct computation of every pair.
+    db = np.maximum(rng.standard_normal((900, 200)).astype(np.float32), 0) + 0.01
+    db[600:700] = db[:100]  # exact duplicates tie
+    ids = rng.permutation(900) * 3
+    index = FloatIndex(200, metric=metric)
+    index.add(db, ids=ids)
+    q = np.concatenate([db[:10], np.maximum(rng.standard_normal((10, 200)).astype(np.float32), 0) + 0.01])
+    dist, got = index.search(q, 950)
+    qq = index._check_vectors(q, "q")
+    direct = index._exact_distances(qq, np.broadcast_to(np.arange(900), (20, 900)), index._vectors())
+    want_d, want_i = _common.sort_candidates(direct, np.broadcast_to(index._ids, direct.shape).copy())
+    np.testing.assert_array_equal(got[:, :900], want_i)
+    np.testing.assert_array_equal(dist[:, :900], want_d.astype(np.float32))
+    assert (got[:, 900:] == -1).all() and (dist[:, 900:] == -1).all()
+    # The top of a short search is the same prefix.
+    short_d, short_i = index.search(q, 40)
+    np.testing.assert_array_equal(short_i, got[:, :40])
+    np.testing.assert_array_equal(short_d, dist[:, :40])

@@ -249,3 +249,23 @@ def test_faiss_tie_order_check_detects_another_order(monkeypatch):
     assert hamming._flat_ties_by_position.__wrapped__(1)
     monkeypatch.setattr(hamming.faiss, "IndexBinaryFlat", TiesByDescendingPosition)
     assert not hamming._flat_ties_by_position.__wrapped__(1)
+
+
+@pytest.mark.parametrize("n_bits", [16, 64, 77])
+def test_counting_top_k_for_large_k_matches_brute_force(rng, monkeypatch, n_bits):
+    # k >= 256 takes faiss's counting top-k; whole rankings (k = len) and padding (k > len).
+    monkeypatch.setattr(hamming, "_COUNTING_BUDGET", 20_000)  # several query blocks per call
+    n_bytes = (n_bits + 7) // 8
+    db = low_entropy_codes(rng, 700, n_bytes)
+    db[::3] = rng.integers(0, 256, (len(db[::3]), n_bytes), dtype=np.uint8)
+    ids = rng.permutation(700) * 2 + 1
+    index = HammingIndex(n_bits)
+    index.add(db, ids=ids)
+    q = np.concatenate([db[:5], low_entropy_codes(rng, 6, n_bytes)])
+    stored = index._codes()  # the padding bits of 77-bit codes are cleared inside
+    for k in (256, 700, 900):
+        got = index.search(q, k)
+        want = brute_force(stored, index.ids, index._check_codes(q, "q"), k, 8 * n_bytes)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    assert hamming._flat_counting_ties_by_position(1)

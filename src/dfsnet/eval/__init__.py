@@ -13,6 +13,7 @@ from dfsnet.eval.metrics import (
     precision_at_k,
     precision_recall_curve,
     recall_at_k,
+    search_map,
 )
 from dfsnet.eval.retrieval import ROW_KEYS, retrieval_eval
 
@@ -26,6 +27,7 @@ __all__ = [
     "precision_recall_curve",
     "hamming_map",
     "euclidean_map",
+    "search_map",
     "retrieval_eval",
     "ROW_KEYS",
 ]

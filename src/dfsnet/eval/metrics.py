@@ -55,12 +55,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import gammaln
 
-from dfsnet._validation import check_array, check_choice, check_labels, check_positive_int
+from dfsnet._validation import check_array, check_choice, check_codes, check_labels, check_positive_int
+from dfsnet.errors import InputError
 from dfsnet.hashing.bits import code_words, popcount
 
 __all__ = [
@@ -73,6 +75,7 @@ __all__ = [
     "mean_average_precision",
     "hamming_map",
     "euclidean_map",
+    "search_map",
 ]
 
 logger = logging.getLogger(__name__)
@@ -598,14 +601,6 @@ def _check_rankings(rankings, nq: int, n_db: int, k: int | None) -> np.ndarray:
     return ranks.astype(np.intp)
 
 
-def _check_codes(codes, name: str) -> np.ndarray:
-    arr = check_array(codes, name=name, dtype=None)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"{name}: expected packed uint8 codes of shape (n, ceil(n_bits/8)) "
-                        f"(see dfsnet.hashing.pack_bits), got dtype {arr.dtype}")
-    return arr
-
-
 def hamming_map(query_codes, db_codes, query_labels, db_labels, *, k=None, ties="stable",
                 block_size=None) -> MapResult:
     """mAP of Hamming ranking with packed binary codes, computed in query blocks.
@@ -645,8 +640,8 @@ def _hamming_scores(query_codes, db_codes, query_labels, db_labels, *, ks, ties,
     """:func:`hamming_map` for several cut-offs from one pass; returns {k: MapResult}."""
     _check_ties(ties)
     start = time.perf_counter()
-    q = _check_codes(query_codes, "query_codes")
-    db = _check_codes(db_codes, "db_codes")
+    q = check_codes(query_codes, name="query_codes")
+    db = check_codes(db_codes, name="db_codes")
     if q.shape[1] != db.shape[1]:
         raise ValueError(f"query_codes, db_codes: expected the same code width, got {q.shape[1]} "
                          f"and {db.shape[1]} bytes")
@@ -736,3 +731,92 @@ def _euclidean_scores(query_feats, db_feats, query_labels, db_labels, *, ks, tie
     logger.debug("euclidean mAP of %d queries x %d items, dim %d, ties=%s: %.3f s",
                  q.shape[0], db.shape[0], q.shape[1], ties, seconds)
     return acc.results(seconds, ties)
+
+
+# Ranked entries (queries x database items) :func:`search_map` asks one search call for.
+_SEARCH_BLOCK_ENTRIES = 1 << 21
+# Integer distances below this are grouped by counting (Hamming distances of up to 4,095 bits).
+_MAX_BUCKETS = 1 << 12
+
+
+def search_map(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], queries: np.ndarray,
+               query_labels, db_labels, *, ks: Sequence[int | None] = (None,),
+               ties: Sequence[str] = ("stable",), block_size: int | None = None) -> dict[str, dict]:
+    """mAP of the rankings a search function returns, for several cut-offs and tie modes at once.
+
+    ``search`` (e.g. ``HammingIndex.search`` or ``FloatIndex.search`` of an index holding the
+    database with ids ``0 .. n_db-1``) is called with blocks of queries and ``k = n_db``; its
+    result is scored as returned: ``ties="stable"`` scores the ranking ``ids`` (an index that
+    orders equal distances by ascending id gives exactly :func:`hamming_map`'s stable ranking),
+    ``ties="expected"`` the expectation over random orders among the items the search puts at
+    equal distance (runs of equal adjacent ``distances``; counted per value for small integer
+    distances such as Hamming's). Both come from one search per query block.
+
+    Parameters
+    ----------
+    search : callable ``(q, k) -> (distances, ids)``
+        ``q`` is a block of ``queries`` (shape (B, ...)); ``distances`` real, shape (B, n_db),
+        ascending; ``ids`` int, shape (B, n_db), database indices, each row a permutation of
+        ``range(n_db)`` (checked).
+    queries : ndarray, shape (nq, ...)
+        What ``search`` takes: packed uint8 codes (nq, n_bytes) or float features (nq, d).
+    query_labels : array-like of int, shape (nq,), or 0/1 matrix, shape (nq, c)
+    db_labels : array-like of int, shape (n_db,), or 0/1 matrix, shape (n_db, c)
+    ks : sequence of int or None
+        Cut-offs; None is mAP@all (DeepHash-pytorch mAP@k otherwise, see the module docstring).
+    ties : sequence of {"stable", "expected"}
+    block_size : int, optional
+        Queries per search call (default: about 2M ranked entries per call).
+
+    Returns
+    -------
+    dict
+        ``{tie mode: {k: MapResult}}``; ``MapResult.seconds`` is the wall time of the whole
+        call (searches included).
+
+    Raises
+    ------
+    InputError
+        Mismatched lengths, or a search result of the wrong shape or whose ids are not a
+        permutation of the database indices.
+    """
+    start = time.perf_counter()
+    modes = [_check_ties(t) for t in ties]
+    ks = [_check_k(k) for k in ks]
+    queries = np.asarray(queries)
+    labels = _Relevance(query_labels, db_labels, queries.shape[0])
+    nq, n_db = labels.n_queries, labels.n_db
+    block = _check_block_size(block_size, max(1, _SEARCH_BLOCK_ENTRIES // n_db))
+    tables = _Tables(n_db) if "expected" in modes else None
+    acc = {mode: _Accumulator(ks, nq) for mode in modes}
+    for rows in _blocks(nq, block):
+        dist, ids = search(queries[rows], n_db)
+        dist, ids = np.asarray(dist), np.asarray(ids)
+        b = rows.stop - rows.start
+        if dist.shape != (b, n_db) or ids.shape != (b, n_db):
+            raise InputError(f"search: expected distances and ids of shape {(b, n_db)} (every database item), "
+                             f"got {dist.shape} and {ids.shape}")
+        if ids.min() < 0 or ids.max() >= n_db or not (
+                np.bincount((ids + (np.arange(b) * n_db)[:, None]).ravel(), minlength=b * n_db) == 1).all():
+            # Cheap next to the scoring: an index that loses or repeats items must not score.
+            raise InputError(f"search: expected every row of ids to be a permutation of range({n_db}), the "
+                             "database indices")
+        rel = labels.block(rows) if labels.multilabel else None
+        rel_sorted = labels.ranked(rows, ids, rel)
+        n_rel = labels.n_relevant(rows, rel)
+        for mode in modes:
+            if mode == "stable":
+                scores = {k: _stable_scores(rel_sorted, n_rel, k) for k in ks}
+            else:
+                if np.issubdtype(dist.dtype, np.integer) and dist.min() >= 0 and dist.max() < _MAX_BUCKETS:
+                    # Small integer distances (Hamming): the groups are counted per value, without
+                    # reading the order (the same groups as the runs of a sorted row).
+                    groups = _groups_from_buckets(dist, rel_sorted, int(dist.max()) + 1)
+                else:
+                    groups = _groups_from_sorted(dist, rel_sorted)
+                scores = {k: _expected_scores(*groups, n_rel, b, None if k is None or k >= n_db else k, tables)
+                          for k in ks}
+            acc[mode].add(rows, scores)
+    seconds = time.perf_counter() - start
+    logger.debug("mAP of %d queries x %d items from search results, ties=%s: %.3f s", nq, n_db, modes, seconds)
+    return {mode: acc[mode].results(seconds, mode) for mode in modes}

@@ -1,19 +1,23 @@
 """One call that scores float (Euclidean) and hashed (Hamming) retrieval on a feature split.
 
 :func:`retrieval_eval` is what the experiment runner calls for every scheme: it fits the selector
-and hasher on the train features only, encodes the query and database features, computes mAP@all,
-mAP@k and precision@k of ranking the whole database for every query, and times fitting, encoding
-and searching (top-``k`` search of every query on a ``dfsnet.index`` index).
+and hasher on the train features only, encodes the query and database features, puts the database
+in a ``dfsnet.index`` index, and scores mAP@all, mAP@k and precision@k on the rankings that index
+returns for every query (the whole database, searched in query blocks), so that the numbers are
+those of the search a deployment runs. It also times fitting, encoding and a top-``k`` search of
+every query.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from dfsnet._validation import check_array, check_choice, check_labels, check_positive_int
-from dfsnet.eval.metrics import TIES, _euclidean_scores, _hamming_scores
+from dfsnet.errors import InputError, InputTypeError
+from dfsnet.eval.metrics import TIES, search_map
 
 __all__ = ["retrieval_eval", "ROW_KEYS"]
 
@@ -25,20 +29,20 @@ ROW_KEYS = ("method", "bits", "selector", "hasher", "metric", "ties", "map_all",
             "bytes_per_item")
 
 
-def _check_bits(bits, d: int, selector, hasher: str) -> list[int]:
+def _check_bits(bits, d: int, selector: str | None, hasher: str) -> list[int]:
     if isinstance(bits, (int, np.integer)):
         bits = [bits]
     bits = [check_positive_int(b, name="bits") for b in bits]
     if not bits:
-        raise ValueError("bits: expected at least one code length, got none")
+        raise InputError("bits: expected at least one code length, got none")
     if len(set(bits)) != len(bits):
-        raise ValueError(f"bits: expected distinct code lengths, got {bits}")
+        raise InputError(f"bits: expected distinct code lengths, got {bits}")
     too_long = [b for b in bits if b > d]
     if too_long:
-        raise ValueError(f"bits: {too_long} larger than the feature width {d}; "
+        raise InputError(f"bits: {too_long} larger than the feature width {d}; "
                          f"a code can have at most one bit per feature")
     if selector is None and hasher != "itq" and bits != [d]:
-        raise ValueError(
+        raise InputError(
             f"bits: hasher={hasher!r} without a selector makes one bit per feature, so bits must be "
             f"[{d}], got {bits}; pass a selector or hasher='itq' for shorter codes"
         )
@@ -48,11 +52,11 @@ def _check_bits(bits, d: int, selector, hasher: str) -> list[int]:
 def _check_ties_modes(ties) -> list[str]:
     modes = [ties] if isinstance(ties, str) else list(ties)
     if not modes:
-        raise ValueError(f"ties: expected at least one of {list(TIES)}, got none")
+        raise InputError(f"ties: expected at least one of {list(TIES)}, got none")
     for mode in modes:
         check_choice(mode, TIES, name="ties")
     if len(set(modes)) != len(modes):
-        raise ValueError(f"ties: expected distinct modes, got {modes}")
+        raise InputError(f"ties: expected distinct modes, got {modes}")
     return modes
 
 
@@ -60,20 +64,27 @@ def _row(**values) -> dict:
     return {key: values[key] for key in ROW_KEYS}
 
 
-def retrieval_eval(train_features, train_labels, query_features, query_labels, db_features, db_labels, *,
-                   bits=(16, 32, 64, 128), selector="gain_ratio", hasher="sample_mean", k=1000,
-                   ties=("stable",), euclidean=True) -> list[dict]:
+def retrieval_eval(train_features: np.ndarray, train_labels: np.ndarray, query_features: np.ndarray,
+                   query_labels: np.ndarray, db_features: np.ndarray, db_labels: np.ndarray, *,
+                   bits: int | Sequence[int] = (16, 32, 64, 128), selector: str | None = "gain_ratio",
+                   hasher: str = "sample_mean", k: int = 1000, ties: str | Sequence[str] = ("stable",),
+                   euclidean: bool = True) -> list[dict]:
     """Score Euclidean and Hamming retrieval per code length; one tidy row per result.
 
     For every code length ``b`` in ``bits`` an encoder (``selector`` keeping ``b`` features, then
     ``hasher``; see :func:`dfsnet.hashing.make_encoder`) is fitted on the train features and
-    labels only, the query and database features are encoded, and every query ranks the whole
-    database by Hamming distance. With ``euclidean=True`` the float features are also ranked by
-    Euclidean distance (the no-hashing baseline; ``bits`` is None in its rows).
+    labels only, the query and database features are encoded, the database codes go into a flat
+    :class:`~dfsnet.index.HammingIndex`, and every query's ranking of the whole database comes
+    from its ``search`` (ties in ascending database index). With ``euclidean=True`` the float
+    features are also ranked, by a :class:`~dfsnet.index.FloatIndex` (squared L2; the no-hashing
+    baseline; ``bits`` is None in its rows). mAP is computed on those search results
+    (:func:`dfsnet.eval.metrics.search_map`), so it is exactly :func:`~dfsnet.eval.hamming_map`
+    of the codes, and for the float rows the mAP of exact float64 distances.
 
-    The selector's ranking does not depend on ``b``, so it is fitted once per call; its fit time
-    is included in the ``fit_seconds`` of every hashed row (the cost of building that encoder
-    alone).
+    The selector's ranking does not depend on ``b``: one encoder is fitted for the longest code
+    and every shorter one is derived from it with :meth:`dfsnet.hashing.Encoder.with_n_bits`
+    (a prefix of the ranking and of the threshold bits; ITQ is refitted on the train features
+    for each length), which gives the same codes as fitting each length on its own.
 
     Parameters
     ----------
@@ -107,7 +118,8 @@ def retrieval_eval(train_features, train_labels, query_features, query_labels, d
           selector); ``metric``: ``"euclidean"`` or ``"hamming"``; ``bits``: code length or None;
           ``selector``, ``hasher``: names or None; ``ties``.
         - ``map_all``, ``map_at_k``, ``precision_at_k`` (float in [0, 1]) and ``k``.
-        - ``fit_seconds`` (selector and hasher on the train set; 0 for Euclidean),
+        - ``fit_seconds`` (fitting the longest code's encoder on the train set, plus deriving
+          this length from it; 0 for Euclidean),
           ``encode_seconds`` (query and database features to codes; 0 for Euclidean),
           ``search_seconds`` (top-``k`` search of all queries on a flat ``HammingIndex`` or
           ``FloatIndex`` holding the database; building the index is not included),
@@ -122,24 +134,25 @@ def retrieval_eval(train_features, train_labels, query_features, query_labels, d
     d = train.shape[1]
     for name, arr in (("query_features", query), ("db_features", db)):
         if arr.shape[1] != d:
-            raise ValueError(f"{name}: expected {d} columns like train_features, got {arr.shape[1]}")
+            raise InputError(f"{name}: expected {d} columns like train_features, got {arr.shape[1]}")
     # Gain ratio ranks features against class labels: one label per item, at least two classes.
     needs_classes = selector == "gain_ratio"
     train_y = check_labels(train_labels, train.shape[0], name="train_labels",
                            min_classes=2 if needs_classes else 1)
     if needs_classes and train_y.ndim != 1:
-        raise ValueError(f"train_labels: selector='gain_ratio' needs one class label per item, shape "
+        raise InputError(f"train_labels: selector='gain_ratio' needs one class label per item, shape "
                          f"({train.shape[0]},), got shape {train_y.shape}")
     query_y = check_labels(query_labels, query.shape[0], name="query_labels")
     db_y = check_labels(db_labels, db.shape[0], name="db_labels")
     k = check_positive_int(k, name="k")
     modes = _check_ties_modes(ties)
     if not isinstance(euclidean, (bool, np.bool_)):
-        raise TypeError(f"euclidean: expected a bool, got {euclidean!r}")
+        raise InputTypeError(f"euclidean: expected a bool, got {euclidean!r}")
     bits = _check_bits(bits, d, selector, hasher)
     # Builds and validates the steps by name before any fitting (unknown names list the valid ones).
-    encoders = {b: make_encoder(selector=selector, hasher=hasher,
-                                n_bits=None if selector is None and hasher != "itq" else b) for b in bits}
+    widest = max(bits)
+    base = make_encoder(selector=selector, hasher=hasher,
+                        n_bits=None if selector is None and hasher != "itq" else widest)
     search_k = min(k, db.shape[0])
     nq = query.shape[0]
     rows: list[dict] = []
@@ -150,55 +163,44 @@ def retrieval_eval(train_features, train_labels, query_features, query_labels, d
         start = time.perf_counter()
         index.search(query, search_k)
         search_seconds = time.perf_counter() - start
-        del index  # its copy of the database is not needed for scoring
+        scores = search_map(index.search, query, query_y, db_y, ks=[None, k], ties=modes)
+        del index
         for mode in modes:
-            scores = _euclidean_scores(query, db, query_y, db_y, ks=[None, k], ties=mode)
+            s = scores[mode]
             rows.append(_row(method="euclidean", bits=None, selector=None, hasher=None, metric="euclidean",
-                             ties=mode, map_all=scores[None].map, map_at_k=scores[k].map, k=k,
-                             precision_at_k=scores[k].precision_at_k, fit_seconds=0.0, encode_seconds=0.0,
+                             ties=mode, map_all=s[None].map, map_at_k=s[k].map, k=k,
+                             precision_at_k=s[k].precision_at_k, fit_seconds=0.0, encode_seconds=0.0,
                              search_seconds=search_seconds, seconds_per_query=search_seconds / nq,
                              bytes_per_item=int(db.itemsize * d)))
-            logger.info("euclidean ties=%s: mAP@all %.4f, mAP@%d %.4f", mode, scores[None].map, k,
-                        scores[k].map)
+            logger.info("euclidean ties=%s: mAP@all %.4f, mAP@%d %.4f", mode, s[None].map, k, s[k].map)
 
-    ranking, selector_seconds = None, 0.0
-    if selector is not None:
-        # Fit the ranking once with every feature kept; each code length keeps its prefix.
-        ranker = make_encoder(selector=selector, hasher=hasher, n_bits=bits[0]).selector
-        ranker.set_params(n_features=None)
-        start = time.perf_counter()
-        ranker.fit(train, train_y)
-        selector_seconds = time.perf_counter() - start
-        ranking = ranker.ranking_
-
+    start = time.perf_counter()
+    base.fit(train, train_y)
+    base_seconds = time.perf_counter() - start
     method = hasher if selector is None else f"{selector}+{hasher}"
     for b in bits:
-        encoder = encoders[b]
-        columns = None
-        if ranking is not None:
-            keep = encoder.selector.n_features
-            columns = ranking if keep is None else ranking[:keep]
         start = time.perf_counter()
-        encoder.hasher.fit(train if columns is None else train[:, columns])
-        fit_seconds = selector_seconds + time.perf_counter() - start
+        encoder = base.with_n_bits(b, train)
+        fit_seconds = base_seconds + time.perf_counter() - start
         start = time.perf_counter()
-        q_codes = encoder.hasher.transform(query if columns is None else query[:, columns])
-        db_codes = encoder.hasher.transform(db if columns is None else db[:, columns])
+        q_codes = encoder.transform(query)
+        db_codes = encoder.transform(db)
         encode_seconds = time.perf_counter() - start
-        n_bits = int(encoder.hasher.n_bits_)
+        n_bits = int(encoder.n_bits_)
         index = HammingIndex(n_bits)
         index.add(db_codes)
         start = time.perf_counter()
         index.search(q_codes, search_k)
         search_seconds = time.perf_counter() - start
+        scores = search_map(index.search, q_codes, query_y, db_y, ks=[None, k], ties=modes)
         del index
         for mode in modes:
-            scores = _hamming_scores(q_codes, db_codes, query_y, db_y, ks=[None, k], ties=mode, block_size=None)
+            s = scores[mode]
             rows.append(_row(method=method, bits=n_bits, selector=selector, hasher=hasher, metric="hamming",
-                             ties=mode, map_all=scores[None].map, map_at_k=scores[k].map, k=k,
-                             precision_at_k=scores[k].precision_at_k, fit_seconds=fit_seconds,
+                             ties=mode, map_all=s[None].map, map_at_k=s[k].map, k=k,
+                             precision_at_k=s[k].precision_at_k, fit_seconds=fit_seconds,
                              encode_seconds=encode_seconds, search_seconds=search_seconds,
                              seconds_per_query=search_seconds / nq, bytes_per_item=int(db_codes.shape[1])))
             logger.info("%s %d bits ties=%s: mAP@all %.4f, mAP@%d %.4f", method, n_bits, mode,
-                        scores[None].map, k, scores[k].map)
+                        s[None].map, k, s[k].map)
     return rows

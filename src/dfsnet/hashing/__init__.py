@@ -6,12 +6,12 @@ Codes are uint8 arrays of shape (n, ceil(b / 8)); bit ``i`` of a code is in byte
 from dfsnet.hashing.bits import hamming_distances, n_bytes, pack_bits, unpack_bits
 from dfsnet.hashing.encoder import Encoder, make_encoder
 from dfsnet.hashing.itq import ITQHasher
-from dfsnet.hashing.threshold import MeanThresholdHasher
+from dfsnet.hashing.threshold import ThresholdHasher
 
 __all__ = [
     "Encoder",
     "ITQHasher",
-    "MeanThresholdHasher",
+    "ThresholdHasher",
     "hamming_distances",
     "make_encoder",
     "n_bytes",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dfsnet._validation import check_array, check_positive_int
+from dfsnet._validation import check_array, check_codes, check_positive_int
+from dfsnet.errors import InputError
 
 __all__ = ["code_words", "hamming_distances", "n_bytes", "pack_bits", "popcount", "unpack_bits"]
 
@@ -17,11 +18,20 @@ _BLOCK_BYTES = 64 << 20
 
 
 def n_bytes(n_bits: int) -> int:
-    """Bytes per packed code of ``n_bits`` bits: ``ceil(n_bits / 8)``."""
+    """Bytes per packed code of ``n_bits`` bits: ``ceil(n_bits / 8)``.
+
+    Parameters
+    ----------
+    n_bits : int
+
+    Returns
+    -------
+    int
+    """
     return (int(n_bits) + 7) // 8
 
 
-def pack_bits(bits) -> np.ndarray:
+def pack_bits(bits: np.typing.ArrayLike) -> np.ndarray:
     """Pack a boolean matrix into codes.
 
     Parameters
@@ -36,23 +46,12 @@ def pack_bits(bits) -> np.ndarray:
     arr = check_array(bits, name="bits", dtype=None)
     if arr.dtype != np.bool_:
         if not np.all((arr == 0) | (arr == 1)):
-            raise ValueError(f"bits: expected booleans or 0/1 values, got dtype {arr.dtype} with other values")
+            raise InputError(f"bits: expected booleans or 0/1 values, got dtype {arr.dtype} with other values")
         arr = arr.astype(bool)
     return np.packbits(arr, axis=1, bitorder="big")
 
 
-def _check_codes(codes, name: str) -> np.ndarray:
-    if codes is None:
-        raise TypeError(f"{name}: expected a uint8 array of packed codes, got None")
-    codes = np.asarray(codes)
-    if codes.dtype != np.uint8:
-        raise TypeError(f"{name}: expected packed codes of dtype uint8, got {codes.dtype}")
-    if codes.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array (n, n_bytes), got shape {codes.shape}")
-    return np.ascontiguousarray(codes)
-
-
-def unpack_bits(codes, n_bits: int) -> np.ndarray:
+def unpack_bits(codes: np.ndarray, n_bits: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`.
 
     Parameters
@@ -65,20 +64,28 @@ def unpack_bits(codes, n_bits: int) -> np.ndarray:
     -------
     ndarray of bool, shape (n, n_bits)
     """
-    codes = _check_codes(codes, "codes")
+    codes = check_codes(codes, name="codes", min_rows=0)
     n_bits = check_positive_int(n_bits, name="n_bits")
     if codes.shape[1] != n_bytes(n_bits):
-        raise ValueError(
+        raise InputError(
             f"codes: expected {n_bytes(n_bits)} bytes per code for n_bits={n_bits}, got {codes.shape[1]}"
         )
     return np.unpackbits(codes, axis=1, count=n_bits, bitorder="big").astype(bool)
 
 
 def code_words(codes: np.ndarray) -> np.ndarray:
-    """Packed codes uint8 (n, B) as uint64 words, word-major: shape (ceil(B / 8), n).
+    """Packed codes as uint64 words, word-major.
 
     Zero padding to whole words leaves every Hamming distance unchanged (0 XOR 0 = 0), and
     word-major order makes each word one contiguous row.
+
+    Parameters
+    ----------
+    codes : ndarray of uint8, shape (n, B)
+
+    Returns
+    -------
+    ndarray of uint64, shape (ceil(B / 8), n)
     """
     n, width = codes.shape
     n_words = -(-width // 8)
@@ -104,7 +111,7 @@ def _popcount_native(x: np.ndarray, out: np.ndarray) -> np.ndarray:
 popcount = _popcount_native if hasattr(np, "bitwise_count") else _popcount_table
 
 
-def hamming_distances(a, b) -> np.ndarray:
+def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """All pairwise Hamming distances between two sets of packed codes, exactly.
 
     XOR of 64-bit words and a popcount (:data:`popcount`), in row blocks of ``a`` so that
@@ -119,10 +126,10 @@ def hamming_distances(a, b) -> np.ndarray:
     -------
     ndarray of int32, shape (na, nb)
     """
-    a = _check_codes(a, "a")
-    b = _check_codes(b, "b")
+    a = check_codes(a, name="a", min_rows=0)
+    b = check_codes(b, name="b", min_rows=0)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"b: expected codes of {a.shape[1]} bytes like a, got {b.shape[1]}")
+        raise InputError(f"b: expected codes of {a.shape[1]} bytes like a, got {b.shape[1]}")
     wa, wb = code_words(a), code_words(b)
     out = np.zeros((a.shape[0], b.shape[0]), dtype=np.int32)
     rows = max(1, _BLOCK_BYTES // max(1, b.shape[0] * 8))

@@ -1,11 +1,12 @@
 """Encoder: feature selection followed by hashing, fitted together and saved as one file.
 
-With ``GainRatioSelector(n_features=b)`` and ``MeanThresholdHasher("sample_mean")`` it is exactly
+With ``GainRatioSelector(n_features=b)`` and ``ThresholdHasher("sample_mean")`` it is exactly
 the DFS-Net paper's Scheme 3 encoding: keep the ``b`` features of highest gain ratio, then set each
 bit where the feature reaches the mean of the vector's own ``b`` selected values.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -13,18 +14,20 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.utils import get_tags
 
 from dfsnet import __version__
 from dfsnet._io import atomic_write
 from dfsnet._validation import (
-    check_array,
     check_choice,
     check_is_fitted,
     check_positive_int,
+    validate_data,
 )
+from dfsnet.errors import InputError
 from dfsnet.hashing.itq import ITQHasher
-from dfsnet.hashing.threshold import THRESHOLDS, MeanThresholdHasher
+from dfsnet.hashing.threshold import THRESHOLDS, ThresholdHasher
 from dfsnet.selection import GainRatioSelector, RandomSelector
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "HASHERS", "SELECTORS", "Encoder", "make_encoder"]
@@ -40,23 +43,30 @@ SELECTORS = ("gain_ratio", "random", None)
 HASHERS = THRESHOLDS + ("itq",)
 
 # Classes an encoder file may name; nothing else is ever instantiated on load.
-_CLASSES = {cls.__name__: cls for cls in (GainRatioSelector, RandomSelector, MeanThresholdHasher, ITQHasher)}
+_CLASSES = {cls.__name__: cls for cls in (GainRatioSelector, RandomSelector, ThresholdHasher, ITQHasher)}
+# Names files written by earlier versions use for a class in _CLASSES (read, never written).
+_LEGACY_CLASSES = {"MeanThresholdHasher": ThresholdHasher}
 
 
 class Encoder(TransformerMixin, BaseEstimator):
     """A feature selector (or None) followed by a hasher: float features in, packed codes out.
 
-    ``fit`` fits the selector on ``(X, y)`` and the hasher on the selected features, in place (as
-    scikit-learn's ``Pipeline`` does).
+    ``fit`` fits clones of the ``selector`` and ``hasher`` parameters: the selector on ``(X, y)``,
+    the hasher on the selected features; the parameters themselves stay unfitted (scikit-learn's
+    convention, so ``clone`` and ``set_params`` behave as for any estimator).
 
     Parameters
     ----------
     selector : GainRatioSelector, RandomSelector or None
         None hashes the input columns as they are.
-    hasher : MeanThresholdHasher or ITQHasher
+    hasher : ThresholdHasher or ITQHasher
 
     Attributes
     ----------
+    selector_ : GainRatioSelector, RandomSelector or None
+        The fitted selector.
+    hasher_ : ThresholdHasher or ITQHasher
+        The fitted hasher.
     n_bits_ : int
         Code length.
     n_features_in_ : int
@@ -74,12 +84,21 @@ class Encoder(TransformerMixin, BaseEstimator):
             if not (hasattr(step, "fit") and hasattr(step, "transform")):
                 raise TypeError(f"{name}: expected an estimator with fit and transform, got {step!r}")
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Packed uint8 codes, whatever the input dtype.
+        tags.transformer_tags.preserves_dtype = []
+        if self.selector is not None and hasattr(self.selector, "__sklearn_tags__"):
+            tags.target_tags.required = get_tags(self.selector).target_tags.required
+        return tags
+
     def fit(self, X, y=None):
-        """Fit the selector, then the hasher on the selected features.
+        """Fit a clone of the selector, then a clone of the hasher on the selected features.
 
         Parameters
         ----------
         X : array-like of float, shape (n, d)
+            Converted to float32; must be finite.
         y : array-like of int, shape (n,), or None
             Class labels; required by ``GainRatioSelector``.
 
@@ -88,12 +107,16 @@ class Encoder(TransformerMixin, BaseEstimator):
         self
         """
         self._check_steps()
-        X = check_array(X, name="X")
-        if self.selector is not None:
-            X = self.selector.fit(X, y).transform(X)
-        self.hasher.fit(X)
-        self.n_bits_ = int(self.hasher.n_bits_)
-        self.n_features_in_ = int(self.selector.n_features_in_ if self.selector is not None else X.shape[1])
+        # y is checked by the selector, whose messages name it.
+        X = validate_data(self, X, reset=True)
+        selector = None if self.selector is None else clone(self.selector)
+        hasher = clone(self.hasher)
+        if selector is not None:
+            X = selector.fit(X, y).transform(X)
+        hasher.fit(X)
+        self.selector_, self.hasher_ = selector, hasher
+        self.n_bits_ = int(hasher.n_bits_)
+        self.n_features_in_ = int(selector.n_features_in_ if selector is not None else X.shape[1])
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -108,13 +131,74 @@ class Encoder(TransformerMixin, BaseEstimator):
         ndarray of uint8, shape (n, ceil(n_bits_ / 8))
             Bit ``i`` in byte ``i // 8`` at mask ``0x80 >> (i % 8)``.
         """
-        check_is_fitted(self, ("n_bits_",))
-        X = check_array(X, name="X")
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X: expected {self.n_features_in_} columns (as in fit), got {X.shape[1]}")
-        if self.selector is not None:
-            X = self.selector.transform(X)
-        return self.hasher.transform(X)
+        check_is_fitted(self, ("n_bits_", "hasher_"))
+        X = validate_data(self, X, reset=False)
+        if self.selector_ is not None:
+            X = self.selector_.transform(X)
+        return self.hasher_.transform(X)
+
+    def with_n_bits(self, n_bits: int, X=None) -> Encoder:
+        """A fitted encoder for a shorter (or, with ITQ, any) code length, derived from this one.
+
+        - Threshold hasher with a selector: the new encoder keeps the selector's top ``n_bits``
+          features (a prefix of the fitted ranking, nothing refitted) and the hasher's first
+          ``n_bits`` bits (``"sample_mean"`` and ``"zero"`` learn nothing per feature; the
+          per-feature thresholds of ``"feature_mean"``/``"feature_median"`` are sliced). Its
+          codes equal those of the same encoder fitted with ``n_bits``, without refitting.
+          Requires ``n_bits <= n_bits_``; ``X`` is not used.
+        - ITQ: its bits are rotated principal directions of all the selected features, so no
+          prefix exists. The selector is kept as it is and a new ``ITQHasher`` with the same
+          parameters but ``n_bits`` is fitted on ``selector_.transform(X)``; ``X`` must be the
+          training features (without it, ``InputError`` is raised). The result equals fitting
+          the encoder with ``n_bits`` (same selector ranking, same ITQ fit).
+
+        ``n_bits == n_bits_`` returns a copy of this encoder.
+
+        Parameters
+        ----------
+        n_bits : int
+            Code length of the new encoder.
+        X : array-like of float, shape (n, n_features_in_), optional
+            Training features; required for ITQ, ignored otherwise.
+
+        Returns
+        -------
+        Encoder
+            Fitted; ``n_bits_ == n_bits``. This encoder is not modified.
+
+        Raises
+        ------
+        InputError
+            ``n_bits`` larger than this threshold encoder's code length, a threshold encoder
+            without a selector (one bit per input column: no prefix to take), or ITQ without ``X``.
+        """
+        check_is_fitted(self, ("n_bits_", "hasher_"))
+        n_bits = check_positive_int(n_bits, name="n_bits")
+        if n_bits == self.n_bits_:
+            return copy.deepcopy(self)
+        selector = copy.deepcopy(self.selector_)
+        if hasattr(self.hasher_, "with_n_features"):
+            if selector is None:
+                raise InputError(f"n_bits: a {type(self.hasher_).__name__} without a selector makes one bit per "
+                                 f"input column, so its code length is fixed at {self.n_bits_}; got n_bits={n_bits}")
+            check_positive_int(n_bits, name="n_bits", maximum=self.n_bits_,
+                               what=" (a prefix of this encoder's features: refit for longer codes)")
+            selector.set_params(n_features=n_bits)
+            hasher = self.hasher_.with_n_features(n_bits)
+        else:
+            if X is None:
+                raise InputError(f"X: {type(self.hasher_).__name__} must be refitted for n_bits={n_bits}; pass "
+                                 "the training features as X")
+            X = validate_data(self, X, reset=False)
+            hasher = clone(self.hasher_).set_params(n_bits=n_bits)
+            hasher.fit(X if selector is None else selector.transform(X))
+        out = type(self)(selector=None if selector is None else clone(selector), hasher=clone(hasher))
+        out.selector_, out.hasher_ = selector, hasher
+        out.n_bits_ = int(hasher.n_bits_)
+        out.n_features_in_ = self.n_features_in_
+        if hasattr(self, "feature_names_in_"):
+            out.feature_names_in_ = self.feature_names_in_.copy()
+        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -125,14 +209,14 @@ class Encoder(TransformerMixin, BaseEstimator):
         ``hasher.<name>``. Nothing is pickled; the zip container's CRC-32 of every member lets
         :meth:`load` detect corruption.
         """
-        check_is_fitted(self, ("n_bits_",))
+        check_is_fitted(self, ("n_bits_", "hasher_"))
         arrays: dict[str, np.ndarray] = {}
         meta = {
             "dfsnet_version": __version__,
             "n_bits": self.n_bits_,
             "n_features_in": self.n_features_in_,
-            "selector": None if self.selector is None else _describe(self.selector, "selector", arrays),
-            "hasher": _describe(self.hasher, "hasher", arrays),
+            "selector": None if self.selector_ is None else _describe(self.selector_, "selector", arrays),
+            "hasher": _describe(self.hasher_, "hasher", arrays),
         }
         arrays["format"] = np.array(FORMAT)
         arrays["format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)
@@ -181,7 +265,8 @@ class Encoder(TransformerMixin, BaseEstimator):
         meta = json.loads(str(contents["meta"]))
         selector = None if meta["selector"] is None else _rebuild(meta["selector"], "selector", contents)
         hasher = _rebuild(meta["hasher"], "hasher", contents)
-        encoder = cls(selector=selector, hasher=hasher)
+        encoder = cls(selector=None if selector is None else clone(selector), hasher=clone(hasher))
+        encoder.selector_, encoder.hasher_ = selector, hasher
         encoder.n_bits_ = int(meta["n_bits"])
         encoder.n_features_in_ = int(meta["n_features_in"])
         hashed = encoder.n_features_in_ if selector is None else len(selector.selected_features_)
@@ -220,9 +305,10 @@ def _describe(estimator, role: str, arrays: dict[str, np.ndarray]) -> dict:
 def _rebuild(desc: dict, role: str, contents: dict[str, np.ndarray]):
     """Instantiate and restore a step described by :func:`_describe`; validates its state."""
     name = desc["class"]
-    if name not in _CLASSES:
+    cls = _CLASSES.get(name, _LEGACY_CLASSES.get(name))
+    if cls is None:
         raise ValueError(f"{role}: unknown class {name!r}; expected one of {sorted(_CLASSES)}")
-    estimator = _CLASSES[name](**desc["params"])
+    estimator = cls(**desc["params"])
     for attr, value in desc["scalars"].items():
         if attr not in estimator._persist_scalars:
             raise ValueError(f"{role}: unexpected attribute {attr!r}")
@@ -240,14 +326,15 @@ def _rebuild(desc: dict, role: str, contents: dict[str, np.ndarray]):
     return estimator
 
 
-def make_encoder(selector="gain_ratio", hasher="sample_mean", n_bits=None, **kw) -> Encoder:
+def make_encoder(selector: str | None = "gain_ratio", hasher: str = "sample_mean", n_bits: int | None = None,
+                 **kw) -> Encoder:
     """Build an unfitted :class:`Encoder` by name.
 
     Parameters
     ----------
     selector : {"gain_ratio", "random", None}
     hasher : {"sample_mean", "feature_mean", "feature_median", "zero", "itq"}
-        The first four are :class:`MeanThresholdHasher` rules (one bit per selected feature, so the
+        The first four are :class:`ThresholdHasher` rules (one bit per selected feature, so the
         selector keeps ``n_bits`` features); ``"itq"`` is :class:`ITQHasher` with ``n_bits`` bits.
     n_bits : int or None
         Code length. Required, except for a threshold hasher without a selector, which makes one bit
@@ -271,7 +358,7 @@ def make_encoder(selector="gain_ratio", hasher="sample_mean", n_bits=None, **kw)
         hash_step = ITQHasher(n_bits=n_bits, **{k: kw[k] for k in ("n_iter", "random_state") if k in kw})
         n_features = kw.get("n_features")
     else:
-        hash_step = MeanThresholdHasher(threshold=hasher)
+        hash_step = ThresholdHasher(threshold=hasher)
         if selector is None:
             if n_bits is not None:
                 raise ValueError(

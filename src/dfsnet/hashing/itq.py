@@ -7,7 +7,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
 
-from dfsnet._validation import check_array, check_is_fitted, check_positive_int, check_seed
+from dfsnet._validation import check_is_fitted, check_positive_int, check_seed, validate_data
+from dfsnet.errors import InputError, InputTypeError
 
 __all__ = ["ITQHasher"]
 
@@ -55,12 +56,19 @@ class ITQHasher(TransformerMixin, BaseEstimator):
         self.n_iter = n_iter
         self.random_state = random_state
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Packed uint8 codes, whatever the input dtype.
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
     def fit(self, X, y=None):
         """Learn the projection and the rotation.
 
         Parameters
         ----------
         X : array-like of float, shape (n, d)
+            Converted to float32; must be finite; n >= 2.
         y : ignored
 
         Returns
@@ -68,23 +76,23 @@ class ITQHasher(TransformerMixin, BaseEstimator):
         self
         """
         # PCA needs two samples to have a direction at all.
-        X = check_array(X, name="X", min_rows=2)
+        X = validate_data(self, X, reset=True, min_rows=2)
         n, d = X.shape
         n_bits = check_positive_int(self.n_bits, name="n_bits")
         if n_bits > d:
-            raise ValueError(
+            raise InputError(
                 f"n_bits: ITQ projects onto principal directions, so it needs n_bits <= the input "
-                f"dimension {d}; got n_bits={n_bits}"
+                f"dimension {d}; got n_bits={n_bits} (X has {d} feature(s))"
             )
         if n_bits > n:
-            raise ValueError(f"n_bits: expected at most the {n} training samples for PCA, got {n_bits}")
+            raise InputError(f"n_bits: expected at most the {n} training samples for PCA, got {n_bits}")
         if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, (int, np.integer)):
-            raise TypeError(f"n_iter: expected a non-negative integer, got {self.n_iter!r}")
+            raise InputTypeError(f"n_iter: expected a non-negative integer, got {self.n_iter!r}")
         if self.n_iter < 0:
-            raise ValueError(f"n_iter: expected a non-negative integer, got {self.n_iter}")
+            raise InputError(f"n_iter: expected a non-negative integer, got {self.n_iter}")
         seed = check_seed(self.random_state)
         if not np.ptp(X, axis=0).any():
-            raise ValueError(f"X: every one of the {d} columns is constant over the {n} samples; ITQ's PCA "
+            raise InputError(f"X: every one of the {d} columns is constant over the {n} samples; ITQ's PCA "
                              "needs features that vary")
 
         pca = PCA(n_components=n_bits, random_state=seed).fit(X)
@@ -124,10 +132,7 @@ class ITQHasher(TransformerMixin, BaseEstimator):
 
     def _check_input(self, X) -> np.ndarray:
         check_is_fitted(self, ("rotation_",))
-        X = check_array(X, name="X")
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X: expected {self.n_features_in_} columns (as in fit), got {X.shape[1]}")
-        return X
+        return validate_data(self, X, reset=False)
 
     def transform(self, X) -> np.ndarray:
         """Hash ``X`` into packed codes.

@@ -4,20 +4,18 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from dfsnet._validation import check_array, check_choice, check_is_fitted
+from dfsnet._validation import check_choice, check_is_fitted, validate_data
 
-__all__ = ["THRESHOLDS", "MeanThresholdHasher"]
+__all__ = ["THRESHOLDS", "ThresholdHasher"]
 
-#: Threshold rules of :class:`MeanThresholdHasher`.
+#: Threshold rules of :class:`ThresholdHasher`.
 THRESHOLDS = ("sample_mean", "feature_mean", "feature_median", "zero")
 
-
-def _check_width(X: np.ndarray, n_bits: int) -> None:
-    if X.shape[1] != n_bits:
-        raise ValueError(f"X: expected {n_bits} columns (one per bit, as in fit), got {X.shape[1]}")
+#: Rules that learn one threshold per feature in ``fit`` (``thresholds_``).
+PER_FEATURE = ("feature_mean", "feature_median")
 
 
-class MeanThresholdHasher(TransformerMixin, BaseEstimator):
+class ThresholdHasher(TransformerMixin, BaseEstimator):
     """Binarise each feature against a threshold; bit ``i`` is 1 where ``x[i] >= threshold``
     (``x[i] > 0`` for ``"zero"``).
 
@@ -41,7 +39,8 @@ class MeanThresholdHasher(TransformerMixin, BaseEstimator):
     Notes
     -----
     Means are accumulated in float64; the comparison is exact between the float32 value and the
-    float64 threshold.
+    float64 threshold. Encoder files written before this class was renamed name it
+    ``MeanThresholdHasher``; :meth:`dfsnet.hashing.Encoder.load` reads them as this class.
     """
 
     _persist_arrays = ("thresholds_",)
@@ -50,12 +49,19 @@ class MeanThresholdHasher(TransformerMixin, BaseEstimator):
     def __init__(self, *, threshold="sample_mean"):
         self.threshold = threshold
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Packed uint8 codes, whatever the input dtype.
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
     def fit(self, X, y=None):
         """Learn the code length and, for per-feature rules, the thresholds.
 
         Parameters
         ----------
         X : array-like of float, shape (n, b)
+            Converted to float32; must be finite.
         y : ignored
 
         Returns
@@ -63,7 +69,7 @@ class MeanThresholdHasher(TransformerMixin, BaseEstimator):
         self
         """
         check_choice(self.threshold, THRESHOLDS, name="threshold")
-        X = check_array(X, name="X")
+        X = validate_data(self, X, reset=True)
         self.n_features_in_ = self.n_bits_ = int(X.shape[1])
         if self.threshold == "feature_mean":
             self.thresholds_ = X.mean(axis=0, dtype=np.float64)
@@ -88,11 +94,19 @@ class MeanThresholdHasher(TransformerMixin, BaseEstimator):
         return np.packbits(self.bits(X), axis=1, bitorder="big")
 
     def bits(self, X) -> np.ndarray:
-        """The codes unpacked: ndarray of bool, shape (n, n_bits_), for X float (n, n_bits_)."""
+        """The codes unpacked.
+
+        Parameters
+        ----------
+        X : array-like of float, shape (n, n_bits_)
+
+        Returns
+        -------
+        ndarray of bool, shape (n, n_bits_)
+        """
         check_is_fitted(self, ("n_bits_",))
         check_choice(self.threshold, THRESHOLDS, name="threshold")
-        X = check_array(X, name="X")
-        _check_width(X, self.n_bits_)
+        X = validate_data(self, X, reset=False)
         if self.threshold == "sample_mean":
             return X >= X.mean(axis=1, keepdims=True, dtype=np.float64)
         if self.threshold == "zero":
@@ -101,10 +115,43 @@ class MeanThresholdHasher(TransformerMixin, BaseEstimator):
         check_is_fitted(self, ("thresholds_",))
         return X >= self.thresholds_
 
+    def with_n_features(self, n_features: int) -> ThresholdHasher:
+        """A fitted copy for the first ``n_features`` input columns, without refitting.
+
+        Threshold bits are per column: ``"sample_mean"`` and ``"zero"`` learn nothing but the
+        width, and the per-feature thresholds of ``"feature_mean"``/``"feature_median"`` of a
+        column do not depend on the other columns, so the copy equals this hasher fitted on
+        ``X[:, :n_features]``.
+
+        Parameters
+        ----------
+        n_features : int
+            Columns (bits) to keep, ``1 <= n_features <= n_bits_``.
+
+        Returns
+        -------
+        ThresholdHasher
+            Fitted, with ``n_bits_ == n_features``; ``thresholds_`` (float64, shape
+            (n_features,)) is a copy of the first ``n_features`` thresholds.
+        """
+        from sklearn.base import clone
+
+        from dfsnet._validation import check_positive_int
+
+        check_is_fitted(self, ("n_bits_",))
+        b = check_positive_int(n_features, name="n_features", maximum=self.n_bits_,
+                               what=f" (this hasher was fitted on {self.n_bits_} feature(s))")
+        out = clone(self)
+        out.n_features_in_ = out.n_bits_ = b
+        if hasattr(self, "thresholds_"):
+            out.thresholds_ = self.thresholds_[:b].copy()
+        out._validate_fitted_state()
+        return out
+
     def _validate_fitted_state(self) -> None:
         """Consistency of the learned attributes (used when loading them from a file)."""
         check_choice(self.threshold, THRESHOLDS, name="threshold")
-        per_feature = self.threshold in ("feature_mean", "feature_median")
+        per_feature = self.threshold in PER_FEATURE
         if per_feature != hasattr(self, "thresholds_"):
             state = "missing" if per_feature else "unexpected"
             raise ValueError(f"thresholds_: {state} for threshold={self.threshold!r}")

@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 METRICS = ("l2", "cosine")
 # Float values recomputed per block when re-ranking candidates (bounds the working memory).
 _RERANK_BUDGET = 1 << 21
+# Stored vectors converted to float64 per block of the exhaustive (whole-index) path, and
+# (query, vector) distances it ranks at once.
+_SCAN_BUDGET = 1 << 22
+_RANK_BUDGET = 1 << 21
 
 
 class FloatIndex(BaseIndex):
@@ -53,6 +57,13 @@ class FloatIndex(BaseIndex):
     below faiss's deepest distance by more than faiss's rounding error: results are exact,
     with equal distances in ascending id. Returned distances are those float64 values as
     float32.
+
+    A search that reaches the whole index (k close to ``len(self)``, e.g. the full rankings
+    mAP@all needs) skips faiss: distances to every vector come from one float64 matrix product,
+    ``|q|^2 + |x|^2 - 2 q.x``, whose rounding error has a proven bound far below float32
+    resolution; the few values within that bound of a neighbour's or of a float32 rounding
+    boundary are recomputed directly. Ranking and returned distances are the same as the
+    direct computation's, at the cost of a matrix product.
     """
 
     def __init__(self, dim: int, *, metric: str = "l2", n_threads: int | None = None):
@@ -136,6 +147,15 @@ class FloatIndex(BaseIndex):
         vectors = self._vectors()
 
         def fetch(rows: np.ndarray, depth: int):
+            if depth >= n:
+                # The whole index: exhaustive float64 ranking, in blocks of queries.
+                dist = np.empty((rows.size, n))
+                ids = np.empty((rows.size, n), dtype=np.int64)
+                step = max(1, _RANK_BUDGET // n)
+                for part in range(0, rows.size, step):
+                    sub = rows[part:part + step]
+                    dist[part:part + step], ids[part:part + step] = self._rank_all(q[sub], vectors)
+                return dist, ids, np.full(rows.size, np.inf)
             with omp_threads(n_threads):
                 approx, pos = self._index.search(q[rows], depth)
             if self.metric == "cosine":
@@ -147,6 +167,88 @@ class FloatIndex(BaseIndex):
 
         return exact_topk(nq, k, n, fetch, depth=k + max(8, k // 8), dtype=np.float32)
 
+    def _rank_all(self, q: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored vector ranked for each query, exactly as :meth:`_exact_distances` orders them.
+
+        Parameters
+        ----------
+        q : ndarray of float32, shape (nq, dim)
+            Queries (normalised for cosine).
+        vectors : ndarray of float32, shape (n, dim)
+            The stored vectors, in storage order.
+
+        Returns
+        -------
+        dist : ndarray of float64, shape (nq, n)
+            Distances sorted ascending; each equals :meth:`_exact_distances`' value where two
+            could be confused (within the error bound of each other or of a float32 rounding
+            boundary), else is within that bound of it and casts to the same float32.
+        ids : ndarray of int64, shape (nq, n)
+            Ids, sorted by (distance, id).
+
+        Notes
+        -----
+        With ``u = 2**-53``, the float64 product ``g = |q|^2 + |x|^2 - 2 q.x`` is within
+        ``(dim + 3) u (|q| + |x|)^2`` of the exact distance, and the direct sum of squares is
+        within ``(dim + 2) u |q - x|^2`` of it (standard dot-product bounds, any summation
+        order); ``tol`` is twice their sum, bounded by ``|q - x|^2 <= (|q| + |x|)^2``.
+        """
+        n, nq = vectors.shape[0], q.shape[0]
+        q64 = q.astype(np.float64)
+        g = np.empty((nq, n))
+        sq = np.empty(n)
+        step = max(1, _SCAN_BUDGET // self.dim)
+        for start in range(0, n, step):
+            block = vectors[start:start + step].astype(np.float64)
+            sq[start:start + step] = np.einsum("ij,ij->i", block, block)
+            np.matmul(q64, block.T, out=g[:, start:start + step])
+        q_sq = np.einsum("ij,ij->i", q64, q64)
+        if self.metric == "l2":
+            g *= -2.0
+            g += sq
+            g += q_sq[:, None]
+        else:
+            np.subtract(1.0, g, out=g)
+        np.maximum(g, 0.0, out=g)  # the direct values are never negative
+        # One bound per query: the largest stored norm stands for every x.
+        u = np.finfo(np.float64).eps / 2
+        tol = (2 * (2 * self.dim + 5) * u * (np.sqrt(q_sq) + np.sqrt(sq.max())) ** 2)[:, None]
+        # Values whose float32 cast the bound does not settle ...
+        unsure = (g - tol).astype(np.float32) != (g + tol).astype(np.float32)
+        # ... and neighbours in this order close enough to be in the other order.
+        order = np.argsort(g, axis=1, kind="stable")
+        g_sorted = np.take_along_axis(g, order, axis=1)
+        close = (g_sorted[:, 1:] - g_sorted[:, :-1]) <= 2 * tol
+        del g_sorted
+        near = np.zeros(g.shape, dtype=bool)
+        near[:, 1:] = close
+        near[:, :-1] |= close
+        np.put_along_axis(near, order, near.copy(), axis=1)  # back to storage order
+        unsure |= near
+        rows, cols = np.nonzero(unsure)
+        if rows.size:
+            for part in range(0, rows.size, _RERANK_BUDGET // self.dim):
+                r, c = rows[part:part + _RERANK_BUDGET // self.dim], cols[part:part + _RERANK_BUDGET // self.dim]
+                g[r, c] = self._exact_pairs(q[r], vectors[c])
+        if np.all(self._ids[1:] > self._ids[:-1]):
+            # Ascending ids in storage order: a stable sort on the distance is the (distance, id) order.
+            if rows.size:
+                order = np.argsort(g, axis=1, kind="stable")
+        else:
+            order = np.lexsort((np.broadcast_to(self._ids, g.shape), g), axis=-1)
+        return np.take_along_axis(g, order, axis=1), self._ids[order]
+
+    def _exact_pairs(self, q: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """float64 (m,) distances between the rows of ``q`` and ``v`` float32 (m, dim), computed
+        directly (the definition every search result follows)."""
+        v = v.astype(np.float64)
+        if self.metric == "l2":
+            v -= q
+            return np.square(v).sum(axis=1)
+        v *= q
+        # Rounding in the normalised vectors must not make a distance negative.
+        return np.maximum(1.0 - v.sum(axis=1), 0.0)
+
     def _exact_distances(self, q: np.ndarray, pos: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """float64 (nq, depth) distances from ``q`` to ``vectors[pos]``; inf where pos < 0."""
         out = np.full(pos.shape, np.inf)
@@ -154,14 +256,7 @@ class FloatIndex(BaseIndex):
         step = max(1, _RERANK_BUDGET // self.dim)
         for start in range(0, rows.size, step):
             r, c = rows[start:start + step], cols[start:start + step]
-            v = vectors[pos[r, c]].astype(np.float64)
-            if self.metric == "l2":
-                v -= q[r]
-                out[r, c] = np.square(v).sum(axis=1)
-            else:
-                v *= q[r]
-                # Rounding in the normalised vectors must not make a distance negative.
-                out[r, c] = np.maximum(1.0 - v.sum(axis=1), 0.0)
+            out[r, c] = self._exact_pairs(q[r], vectors[pos[r, c]])
         return out
 
     def save(self, path: str | os.PathLike) -> None:

@@ -8,12 +8,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from dfsnet._validation import (
-    check_array,
     check_choice,
     check_is_fitted,
     check_positive_int,
     check_seed,
+    validate_data,
 )
+from dfsnet.errors import InputError
 from dfsnet.selection.scores import DISCRETIZERS, _check_n_bins, gain_ratio_scores
 
 __all__ = ["GainRatioSelector", "RandomSelector"]
@@ -27,10 +28,17 @@ class _RankingSelector(TransformerMixin, BaseEstimator):
     _persist_arrays = ("scores_", "ranking_")
     _persist_scalars = ("n_features_in_",)
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # transform returns float32 whatever the input dtype (the contract of dfsnet's features).
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
     def _check_n_features(self, n_features_in: int) -> int:
         if self.n_features is None:
             return n_features_in
-        return check_positive_int(self.n_features, name="n_features", maximum=n_features_in)
+        return check_positive_int(self.n_features, name="n_features", maximum=n_features_in,
+                                  what=f" (X has {n_features_in} feature(s))")
 
     def _set_ranking(self, scores: np.ndarray) -> None:
         self.scores_ = np.asarray(scores, dtype=np.float64)
@@ -51,11 +59,7 @@ class _RankingSelector(TransformerMixin, BaseEstimator):
         None), C-contiguous.
         """
         check_is_fitted(self, ("ranking_",))
-        X = check_array(X, name="X")
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X: expected {self.n_features_in_} columns (the features seen in fit), got {X.shape[1]}"
-            )
+        X = validate_data(self, X, reset=False)
         return np.ascontiguousarray(X[:, self.selected_features_])
 
     @property
@@ -68,11 +72,11 @@ class _RankingSelector(TransformerMixin, BaseEstimator):
         """Consistency of the learned attributes (used when loading them from a file)."""
         d = self.n_features_in_
         if self.scores_.shape != (d,) or self.ranking_.shape != (d,):
-            raise ValueError(
+            raise InputError(
                 f"scores_ and ranking_: expected shape ({d},), got {self.scores_.shape} and {self.ranking_.shape}"
             )
         if not np.array_equal(np.sort(self.ranking_), np.arange(d)):
-            raise ValueError("ranking_: expected a permutation of the feature indices")
+            raise InputError("ranking_: expected a permutation of the feature indices")
         self._check_n_features(d)
 
 
@@ -110,6 +114,11 @@ class GainRatioSelector(_RankingSelector):
         self.discretizer = discretizer
         self.n_bins = n_bins
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True  # gain ratio is measured against the class labels
+        return tags
+
     def fit(self, X, y):
         """Score every feature.
 
@@ -126,9 +135,7 @@ class GainRatioSelector(_RankingSelector):
         """
         check_choice(self.discretizer, DISCRETIZERS, name="discretizer")
         _check_n_bins(self.n_bins)
-        if y is None:
-            raise ValueError("y: GainRatioSelector needs class labels, got None")
-        X = check_array(X, name="X")
+        X = validate_data(self, X, y, reset=True)
         self._check_n_features(X.shape[1])
         start = time.perf_counter()
         scores = gain_ratio_scores(X, y, discretizer=self.discretizer, n_bins=self.n_bins)
@@ -172,9 +179,9 @@ class RandomSelector(_RankingSelector):
         -------
         self
         """
-        X = check_array(X, name="X")
+        X = validate_data(self, X, reset=True)
         if y is not None and np.asarray(y).shape[:1] != (X.shape[0],):
-            raise ValueError(f"y: expected {X.shape[0]} labels to match X, got shape {np.asarray(y).shape}")
+            raise InputError(f"y: expected {X.shape[0]} labels to match X, got shape {np.asarray(y).shape}")
         seed = check_seed(self.random_state)
         self._check_n_features(X.shape[1])
         rng = np.random.default_rng(seed)
