@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.transforms.functional import to_tensor
 
+from dfsnet._io import json_digest
 from dfsnet._validation import check_labels
 from dfsnet.errors import InputError, InputTypeError
 from dfsnet.images import InvalidImageError, open_image
@@ -129,10 +130,6 @@ def collate_skip_none(batch: Sequence):
     if not items:
         return None
     return default_collate(items)
-
-
-def _hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()[:20]
 
 
 def _check_index(index, n: int) -> int:
@@ -239,7 +236,7 @@ class _PathDataset(_BaseImageDataset):
                     sizes.append(os.stat(path).st_size)
                 except OSError:
                     sizes.append(-1)
-            self._fingerprint = _hash_json({
+            self._fingerprint = json_digest({
                 "kind": type(self).__name__,
                 "classes": self.classes,
                 "samples": list(zip(self._fingerprint_paths(), self.targets.tolist(), sizes)),
@@ -539,7 +536,7 @@ class ConcatPool(_BaseImageDataset):
 
     def fingerprint(self) -> str:
         """Hash of the parts' fingerprints, in order (hex, 20 chars)."""
-        return _hash_json({"kind": "ConcatPool", "parts": [d.fingerprint() for d in self.datasets]})
+        return json_digest({"kind": "ConcatPool", "parts": [d.fingerprint() for d in self.datasets]})
 
     def __repr__(self) -> str:
         return f"ConcatPool({', '.join(repr(d) for d in self.datasets)})"

@@ -6,12 +6,12 @@ key resumes from it instead of recomputing, and records the hit in ``cached_stag
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from dfsnet._io import json_digest
 
 __all__ = ["StageLog", "stage_key"]
 
@@ -19,11 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def stage_key(**parts) -> str:
-    """16 hex digits hashing the named JSON-serialisable ``parts`` (others by ``str``).
-
-    Kept byte-compatible with earlier run folders so that they still resume.
-    """
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+    """16 hex digits hashing the named JSON-serialisable ``parts`` (others by ``str``)."""
+    return json_digest(parts, length=16)
 
 
 class StageLog:
