@@ -15,7 +15,7 @@ both alike; the ratio uses each side's best repeat (the least disturbed one) and
 reported too. Target: pipeline / baseline >= 0.9 (pipeline overhead at most 10%).
 
 Second part, precision: ``extract_features(precision="auto")`` (bf16 autocast + channels_last
-where the CPU has AMX / AVX512-BF16, see ``dfsnet.models.precision``) against the fp32 eager
+where the CPU has AMX / AVX512-BF16, see ``dfsnet.precision``) against the fp32 eager
 NCHW baseline ``extract_features(precision="fp32")``, on the same tensors, at each
 ``--sizes``; with the agreement of the pooled features (minimum cosine, relative error).
 Target: auto / fp32 >= 2.5 at 224 px.
@@ -59,7 +59,7 @@ def bare_timm(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> 
 
 def compare_precisions(net: DFSNet, size: int, args) -> dict:
     """extract_features in "auto" against "fp32" at ``size`` px, alternating, on the same tensors."""
-    from dfsnet.models.precision import resolve_precision
+    from dfsnet.precision import resolve_precision
 
     torch.manual_seed(1)
     images = torch.randn(args.n_images, 3, size, size)

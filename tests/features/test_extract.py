@@ -163,7 +163,7 @@ def test_unusable_device_and_cache_folder_fail_before_any_work(model, dataset, t
 @pytest.fixture
 def bf16_cpu(monkeypatch):
     """Pretend this CPU has native bf16, so the bf16 path runs on any test machine."""
-    from dfsnet.models import precision
+    from dfsnet import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
 

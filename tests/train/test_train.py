@@ -135,3 +135,22 @@ def test_train_model_rejects_bad_arguments(data_root, tmp_path):
     with pytest.raises(ValueError, match=r"train_set: expected class labels in \[0, 2\) .* found labels in \[0, 2\]"):
         train_model(two_classes, train_set, val_set, out_dir=tmp_path / "two")
     assert not (tmp_path / "two").exists()
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_bf16_training_runs_and_is_recorded(data_root, tmp_path, monkeypatch, mode):
+    from dfsnet import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    model = _net()
+    train_set, val_set = _sets(data_root, model.backbone.meta)
+    result = train_model(model, train_set, val_set, mode=mode, epochs=2, lr=1e-2, out_dir=tmp_path / "run",
+                         precision="auto", accelerator="cpu", **FAST)
+    assert result.precision == "bf16" and result.epochs_run == 2
+    assert np.isfinite([e["train_loss"] for e in result.history]).all()
+    loaded, extra = load_checkpoint(result.checkpoint)
+    assert extra["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())  # autocast keeps fp32 weights
+    # The model comes back in the default memory format, for whoever uses it next.
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous()

@@ -11,6 +11,14 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
 
 
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    from dfsnet.precision import DEFAULT_PRECISION, PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="auto: bf16 autocast (+ channels_last on a CPU) where the hardware has native "
+                             "bf16 (AMX / AVX512-BF16, or a CUDA GPU), else fp32 (default: %(default)s)")
+
+
 def add_progress_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars on stderr (default: only when stderr is a terminal)")

@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from dfsnet.cli._common import add_device_arg, add_progress_arg, progress_enabled
+from dfsnet.cli._common import add_device_arg, add_precision_arg, add_progress_arg, progress_enabled
 from dfsnet.errors import InputError
 from dfsnet.train.workflow import MODES
 
@@ -102,7 +102,7 @@ def _register_train(subparsers) -> None:
                    "(default: from --device)")
     g.add_argument("--num-nodes", type=int, default=1, help="machines for multi-node DDP (default: %(default)s)")
     g.add_argument("--strategy", default="auto", help="e.g. ddp (default: %(default)s)")
-    g.add_argument("--precision", help="e.g. 32-true, 16-mixed, bf16-mixed (default: 16-mixed on GPU, else 32-true)")
+    add_precision_arg(g)
 
     g = p.add_argument_group("hash encoder")
     g.add_argument("--bits", type=int, help="code length (default: 128; with --selector none and a threshold "
@@ -130,6 +130,7 @@ def _register_extract(subparsers) -> None:
     p.add_argument("--unlabeled", action="store_true",
                    help="--data is any folder of images (searched recursively), without class sub-folders")
     add_device_arg(p)
+    add_precision_arg(p)
     p.add_argument("--cache-dir", metavar="DIR", help="reuse features cached here, keyed by model and data")
     add_progress_arg(p)
     p.add_argument("--out", required=True, metavar="FEATURES.npz", help="output file")
@@ -224,7 +225,8 @@ def _extract(args) -> int:
                               transform=transform)
     features, ok = extract_features_with_mask(model, dataset, batch_size=args.batch_size,
                                               num_workers=args.num_workers, device=torch_device(args.device),
-                                              cache_dir=args.cache_dir, progress=progress_enabled(args))
+                                              precision=args.precision, cache_dir=args.cache_dir,
+                                              progress=progress_enabled(args))
     paths = np.array([str(p) for p, _ in dataset.samples])
     with atomic_write(args.out) as fh:
         np.savez(fh, features=features[ok], labels=np.asarray(dataset.targets, dtype=np.int64)[ok],

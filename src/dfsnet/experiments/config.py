@@ -24,6 +24,7 @@ import tomllib
 from dfsnet.errors import InputError, InputTypeError
 from dfsnet.eval.metrics import TIES
 from dfsnet.experiments.schemes import ablation_names
+from dfsnet.precision import DEFAULT_PRECISION, PRECISIONS
 from dfsnet.train.workflow import DEVICE_HELP, MODES
 
 __all__ = [
@@ -90,6 +91,8 @@ class ExperimentConfig:
     num_workers: int = _doc("data loader workers", default=0)
     threads: int = _doc("torch CPU threads during the run; 0 = torch's default", default=0)
     device: str = _doc(f"training and extraction device: {DEVICE_HELP}", default="auto")
+    precision: str = _doc("numeric precision of training and extraction: auto (bf16 where the hardware has "
+                          "native bf16), fp32 or bf16", default=DEFAULT_PRECISION)
     checkpoints: dict[str, str] = _doc(
         "trained checkpoints to reuse instead of training, KEY=PATH with KEY ori or dfs, or "
         "BACKBONE:DATASET:MODE:NETWORK", default_factory=dict)
@@ -299,6 +302,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         if ablation not in ablation_names():
             raise _unknown("ablations", ablation, ablation_names())
     check_choice(cfg.optimizer, OPTIMIZERS, name="optimizer")
+    check_choice(cfg.precision, PRECISIONS, name="precision")
     torch_device(cfg.device)
     for key in ("epochs", "batch_size", "k", "pr_bits", "patience", "itq_max_bits"):
         check_positive_int(getattr(cfg, key), name=key)

@@ -330,12 +330,13 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
                                progress=progress, epochs=epochs, lr=lr, optimizer=cfg.optimizer,
                                batch_size=cfg.batch_size, resume=resume, patience=cfg.patience,
                                num_workers=cfg.num_workers, cache_dir=maps_dir, accelerator=accelerator,
-                               devices=devices, extra=extra)
+                               devices=devices, precision=cfg.precision, extra=extra)
     info = finite({"source": "trained", "checkpoint": str(result.checkpoint),
                    "checkpoint_hash": checkpoint_hash(result.checkpoint), "best_val_acc": result.best_val_acc,
                    "epochs": result.epochs_run, "stopped_early": result.stopped_early,
                    "train_seconds": result.seconds, "map_cache_seconds": result.cache_seconds,
-                   "lr": lr, "budget": budget, "history": result.history, "cached": False})
+                   "lr": lr, "budget": budget, "history": result.history, "precision": result.precision,
+                   "cached": False})
     atomic_write_text(marker, json.dumps({"key": train_key, "checkpoint": info["checkpoint"],
                                           "checkpoint_hash": info["checkpoint_hash"], "info": info},
                                          indent=1, allow_nan=False) + "\n")
@@ -354,7 +355,8 @@ def _features(cfg: ExperimentConfig, model, setting: dict, pool, split, maps_dir
 
     return {part: part_features(model, split.subset(pool, part), mode=setting["mode"], maps_cache_dir=maps_dir,
                                 features_cache_dir=features_dir, batch_size=max(cfg.batch_size, 64),
-                                num_workers=cfg.num_workers, device=cfg.device, progress=progress)
+                                num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
+                                progress=progress)
             for part in PARTS}
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dfsnet._validation import check_positive_int
 from dfsnet.errors import InputError, InputTypeError
-from dfsnet.models.precision import Precision
+from dfsnet.precision import Precision
 
 
 class Batch(NamedTuple):

@@ -13,7 +13,7 @@ from dfsnet._validation import check_positive_int
 from dfsnet.errors import InputError, InputTypeError
 from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
-from dfsnet.models.precision import DEFAULT_PRECISION, resolve_precision
+from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
 
 __all__ = ["extract_features", "extract_features_with_mask", "extract_from_maps", "features_cache_path"]
 
@@ -42,7 +42,7 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int =
         DataLoader settings.
     device : str or torch.device, optional
     precision : {"auto", "fp32", "bf16"}
-        See :func:`dfsnet.models.precision.resolve_precision`; features are returned as
+        See :func:`dfsnet.precision.resolve_precision`; features are returned as
         float32 whatever the precision they were computed in.
     cache_dir : path, optional
         When given, the result is stored as ``features-<key>.npz`` there and reused. The key

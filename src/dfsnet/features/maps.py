@@ -21,7 +21,7 @@ from dfsnet._io import atomic_write
 from dfsnet.errors import InputError
 from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
-from dfsnet.models.precision import DEFAULT_PRECISION, resolve_precision
+from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
 
 __all__ = ["FeatureMaps", "cached_feature_maps", "feature_maps_key"]
 
@@ -101,7 +101,7 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
         DataLoader settings.
     device : str or torch.device, optional
     precision : {"auto", "fp32", "bf16"}
-        See :func:`dfsnet.models.precision.resolve_precision`; part of the cache key.
+        See :func:`dfsnet.precision.resolve_precision`; part of the cache key.
     progress : bool
 
     Returns

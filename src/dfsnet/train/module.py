@@ -32,9 +32,14 @@ class DFSNetTask(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module, *, mode: str, optimizer: str, lr: float, weight_decay: float,
-                 momentum: float = 0.9, backbone_lr_mult: float = 1.0, warmup_epochs: float = 0.0):
+                 momentum: float = 0.9, backbone_lr_mult: float = 1.0, warmup_epochs: float = 0.0,
+                 channels_last: bool = False):
         super().__init__()
         self.model = model
+        # bf16 on a CPU: oneDNN's convolutions want channels_last weights and inputs.
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         self.mode = mode
         self.optimizer_name = optimizer
         self.lr = lr
@@ -53,6 +58,8 @@ class DFSNetTask(L.LightningModule):
             model.requires_grad_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.mode == "head":
             return self.model.head_forward(x.float())
         return self.model(x)
@@ -185,7 +192,7 @@ class MapsDataModule(L.LightningDataModule):
     """
 
     def __init__(self, backbone: nn.Module, train_set, val_set, *, cache_dir, batch_size: int,
-                 extract_batch_size: int, num_workers: int, progress: bool):
+                 extract_batch_size: int, num_workers: int, progress: bool, precision: str = "fp32"):
         super().__init__()
         self.backbone = backbone
         self.sets = {"train": train_set, "val": val_set}
@@ -194,6 +201,7 @@ class MapsDataModule(L.LightningDataModule):
         self.extract_batch_size = extract_batch_size
         self.num_workers = num_workers
         self.progress = progress
+        self.precision = precision
         self.cache_seconds = 0.0
         self.maps: dict[str, FeatureMaps] = {}
 
@@ -201,7 +209,7 @@ class MapsDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         return cached_feature_maps(self.backbone, self.sets[name], cache_dir=self.cache_dir,
                                    batch_size=self.extract_batch_size, num_workers=self.num_workers,
-                                   device=device, progress=self.progress)
+                                   device=device, precision=self.precision, progress=self.progress)
 
     def prepare_data(self) -> None:
         for name in self.sets:

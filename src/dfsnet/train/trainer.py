@@ -34,6 +34,7 @@ from dfsnet._validation import check_choice, check_positive_int
 from dfsnet.errors import InputError, InputTypeError
 from dfsnet.features.fingerprint import dataset_fingerprint, module_fingerprint
 from dfsnet.models.checkpoint import MODEL_FILE
+from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
 from dfsnet.train.workflow import MODES
 
 __all__ = ["TrainResult", "train_model"]
@@ -74,6 +75,8 @@ class TrainResult:
     is_global_zero : bool
         False in the other processes of a distributed (DDP) run, which should not write shared
         outputs; the checkpoint is written by the global-zero process.
+    precision : str
+        What the training ran in: "fp32" or "bf16".
     """
 
     checkpoint: Path
@@ -85,6 +88,7 @@ class TrainResult:
     cache_seconds: float = 0.0
     stopped_early: bool = False
     is_global_zero: bool = True
+    precision: str = "fp32"
 
 
 def train_model(
@@ -108,7 +112,7 @@ def train_model(
     devices="auto",
     num_nodes: int = 1,
     strategy="auto",
-    precision=None,
+    precision: str = DEFAULT_PRECISION,
     num_workers: int = 0,
     cache_dir=None,
     progress: bool = True,
@@ -158,8 +162,11 @@ def train_model(
         with no other change. As always with DDP, every process must build the same model
         (seed before creating a randomly initialised one). Head mode computes the maps once per
         node (``prepare_data``), so a cache folder on a shared file system is computed once.
-    precision : str, optional
-        Lightning precision; default ``"16-mixed"`` (AMP) on CUDA and ``"32-true"`` otherwise.
+    precision : {"auto", "fp32", "bf16"}
+        See :func:`dfsnet.precision.resolve_precision`: bf16 runs as Lightning's
+        ``"bf16-mixed"`` (autocast; on a CPU also channels_last), for the training steps and
+        the feature-map cache alike. The resolved name is recorded in the result and in
+        ``train_config.json``.
     num_workers : int
         DataLoader workers for reading images (head mode: while caching; full mode: always).
     cache_dir : path, optional
@@ -216,8 +223,10 @@ def train_model(
         raise NotADirectoryError(f"out_dir: expected a folder, but {out_dir} is a file")
     ckpt_dir = out_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    prec = resolve_precision(precision, "cuda" if on_gpu else "cpu")
     config = _config(model, train_set, val_set, mode=mode, optimizer=optimizer, lr=lr,
-                     weight_decay=weight_decay, batch_size=batch_size, epochs=epochs)
+                     weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, precision=prec.name)
     resuming = resume and last_ckpt.is_file()
     if resuming:
         _check_resumable(out_dir / CONFIG_FILE, config)
@@ -228,20 +237,18 @@ def train_model(
 
     state = _peek(last_ckpt) if resuming else {"epochs": [], "stopped": False}
     start_epoch = len(state["epochs"])
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if precision is None:
-        precision = "16-mixed" if on_gpu else "32-true"
 
     # Head mode freezes the backbone and full mode unfreezes everything; the caller's
     # requires_grad flags are restored afterwards.
     requires_grad = [p.requires_grad for p in model.parameters()]
     try:
         task = DFSNetTask(model, mode=mode, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                          momentum=momentum, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs)
+                          momentum=momentum, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs,
+                          channels_last=prec.channels_last)
         if mode == "head":
             data = MapsDataModule(model.backbone, train_set, val_set, cache_dir=cache_dir or out_dir / "cache",
                                   batch_size=batch_size, extract_batch_size=max(batch_size, 64),
-                                  num_workers=num_workers, progress=progress)
+                                  num_workers=num_workers, progress=progress, precision=prec.name)
         else:
             data = ImagesDataModule(train_set, val_set, batch_size=batch_size, num_workers=num_workers,
                                     pin_memory=on_gpu)
@@ -261,7 +268,7 @@ def train_model(
         L.seed_everything(seed, workers=True, verbose=False)
         trainer = L.Trainer(
             max_epochs=epochs, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-            strategy=strategy, precision=precision, callbacks=callbacks,
+            strategy=strategy, precision=prec.lightning(), callbacks=callbacks,
             logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir,
             enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
             log_every_n_steps=1,
@@ -284,6 +291,8 @@ def train_model(
     finally:
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
+        if prec.channels_last:  # set by the task for bf16 on a CPU; callers expect the default layout
+            model.to(memory_format=torch.contiguous_format)
 
     best_state = torch.load(best_ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict({k.removeprefix("model."): v for k, v in best_state["state_dict"].items()
@@ -297,13 +306,14 @@ def train_model(
         save_checkpoint(model, path, extra={
             **dict(extra or {}), "val_acc": best["val_acc"], "best_epoch": best["epoch"],
             "epochs": len(history.epochs), "mode": mode, "optimizer": optimizer, "lr": lr,
+            "precision": prec.name,
         })
     trainer.strategy.barrier("dfsnet-export")
     return TrainResult(
         checkpoint=path, best_val_acc=float(best["val_acc"]), history=[dict(e) for e in history.epochs],
         seconds=time.perf_counter() - start, epochs_run=len(history.epochs), start_epoch=start_epoch,
         cache_seconds=getattr(data, "cache_seconds", 0.0), stopped_early=bool(stopped),
-        is_global_zero=trainer.is_global_zero,
+        is_global_zero=trainer.is_global_zero, precision=prec.name,
     )
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dfsnet.errors import InputError
+from dfsnet.precision import DEFAULT_PRECISION
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from dfsnet.data import Split
@@ -179,7 +180,7 @@ def fit_encoder(features: np.ndarray, labels: np.ndarray, *, selector: str | Non
 
 def folder_features(model: DFSNet, root: str | os.PathLike, *, image_size: int | None = None,
                     batch_size: int = 64, num_workers: int = 0, device: str | None = "auto",
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    precision: str = DEFAULT_PRECISION, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of the readable images of a labelled folder ``ROOT/<class>/<image>``.
 
     Returns
@@ -194,7 +195,7 @@ def folder_features(model: DFSNet, root: str | os.PathLike, *, image_size: int |
     size = image_size or model.meta.input_size[-1]
     folder = ImageFolder(root, transform=build_transforms(model.meta, train=False, image_size=int(size)))
     features, ok = extract_features_with_mask(model, folder, batch_size=batch_size, num_workers=num_workers,
-                                              device=torch_device(device), progress=progress)
+                                              device=torch_device(device), precision=precision, progress=progress)
     if ok.sum() < 2:
         raise InputError(f"fit_on: fewer than 2 readable images in {root}")
     return features[ok], np.asarray(folder.targets)[ok]
@@ -203,14 +204,16 @@ def folder_features(model: DFSNet, root: str | os.PathLike, *, image_size: int |
 def fit_encoder_on_folder(model: DFSNet, root: str | os.PathLike, *, selector: str | None = "gain_ratio",
                           hasher: str = "sample_mean", n_bits: int | None = None,
                           image_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
-                          device: str | None = "auto", progress: bool = False) -> Encoder:
+                          device: str | None = "auto", precision: str = DEFAULT_PRECISION,
+                          progress: bool = False) -> Encoder:
     """:func:`fit_encoder` on the features of a labelled image folder (``dfsnet index build --fit-on``).
 
     The encoder settings are checked against the model's feature width before any extraction.
     """
     build_encoder(model.meta.feature_dim, selector=selector, hasher=hasher, n_bits=n_bits)
     features, labels = folder_features(model, root, image_size=image_size, batch_size=batch_size,
-                                       num_workers=num_workers, device=device, progress=progress)
+                                       num_workers=num_workers, device=device, precision=precision,
+                                       progress=progress)
     encoder = fit_encoder(features, labels, selector=selector, hasher=hasher, n_bits=n_bits)
     logger.info("fitted a %d-bit %s/%s encoder on %d images of %s", encoder.n_bits_, _selector_name(selector),
                 hasher, features.shape[0], root)
@@ -253,7 +256,7 @@ def train_network(model: DFSNet, fit_set, val_set, *, mode: str, out_dir: str | 
 
 def part_features(model: DFSNet, subset, *, mode: str, maps_cache_dir=None, features_cache_dir=None,
                   batch_size: int = 64, num_workers: int = 0, device: str | None = "auto",
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  precision: str = DEFAULT_PRECISION, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features and labels of the readable images of ``subset``.
 
     Head mode runs only the head over the frozen backbone's cached maps (``maps_cache_dir``,
@@ -270,25 +273,27 @@ def part_features(model: DFSNet, subset, *, mode: str, maps_cache_dir=None, feat
     dev = torch_device(device)
     if mode == "head":
         maps = cached_feature_maps(model.backbone, subset, cache_dir=maps_cache_dir, batch_size=batch_size,
-                                   num_workers=num_workers, device=dev, progress=progress)
+                                   num_workers=num_workers, device=dev, precision=precision, progress=progress)
         # Rows of unreadable images are zero maps: cheaper to pool and drop than to copy the rest.
-        return extract_from_maps(model, maps.maps, batch_size=256, device=dev)[maps.ok], subset.targets[maps.ok]
+        feats = extract_from_maps(model, maps.maps, batch_size=256, device=dev, precision=precision)
+        return feats[maps.ok], subset.targets[maps.ok]
     feats, ok = extract_features_with_mask(model, subset, batch_size=batch_size, num_workers=num_workers,
-                                           device=dev, cache_dir=features_cache_dir, progress=progress)
+                                           device=dev, precision=precision, cache_dir=features_cache_dir,
+                                           progress=progress)
     return feats[ok], subset.targets[ok]
 
 
 def train_part_features(model: DFSNet, pool, split: Split, *, mode: str, maps_cache_dir=None,
                         batch_size: int = 64, num_workers: int = 0, device: str | None = "auto",
-                        progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                        precision: str = DEFAULT_PRECISION, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of the split's train part (fit + val): what the encoder is fitted on."""
+    common = dict(mode=mode, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                  progress=progress)
     if mode == "head":  # the maps of both parts are in the training's cache already
-        parts = [part_features(model, split.subset(pool, p), mode=mode, maps_cache_dir=maps_cache_dir,
-                               batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+        parts = [part_features(model, split.subset(pool, p), maps_cache_dir=maps_cache_dir, **common)
                  for p in ("fit", "val")]
         return np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts])
-    return part_features(model, split.subset(pool, "train"), mode=mode, batch_size=batch_size,
-                         num_workers=num_workers, device=device, progress=progress)
+    return part_features(model, split.subset(pool, "train"), **common)
 
 
 @dataclass
@@ -360,7 +365,7 @@ def train_and_fit(
     devices: Any = None,
     num_nodes: int = 1,
     strategy: str = "auto",
-    precision: str | None = None,
+    precision: str = DEFAULT_PRECISION,
     selector: str | None = "gain_ratio",
     hasher: str = "sample_mean",
     n_bits: int | None = None,
@@ -444,12 +449,13 @@ def train_and_fit(
     # Fitted on the train part (fit + val), as in the paper.
     features, labels = train_part_features(model, pool, the_split, mode=mode,
                                            maps_cache_dir=cache_dir or out / "cache", batch_size=batch_size,
-                                           num_workers=num_workers, device=device, progress=progress)
+                                           num_workers=num_workers, device=device, precision=precision,
+                                           progress=progress)
     encoder.fit(features, labels)
     encoder.save(out / "encoder.npz")
     outcome.encoder, outcome.n_encoder_images = encoder, int(features.shape[0])
     summary: dict[str, Any] = {"val_acc": result.best_val_acc, "epochs": result.epochs_run,
-                               "seconds": result.seconds}
+                               "seconds": result.seconds, "precision": result.precision}
     if eval_queries and the_split.query.size:
         summary["query_acc"] = evaluate_accuracy(model, the_split.subset(pool, "query"), batch_size=batch_size,
                                                  num_workers=num_workers, device=torch_device(device),

@@ -16,10 +16,12 @@ import dataclasses
 import functools
 import logging
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dfsnet.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PRECISIONS", "DEFAULT_PRECISION", "Precision", "resolve_precision", "cpu_has_native_bf16"]
 
@@ -43,6 +45,8 @@ def cpu_has_native_bf16() -> bool:
         flags = set(_BF16_CPU_FLAGS)
     if not flags.intersection(_BF16_CPU_FLAGS):
         return False
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -65,22 +69,24 @@ class Precision:
     device_type: str
     channels_last: bool = False
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.name == "bf16" else torch.float32
-
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of this precision (a no-op for fp32)."""
         if self.name == "fp32":
             return contextlib.nullcontext()
+        import torch
+
         return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Put ``model``'s weights in this precision's memory format (in place; returns it)."""
+        import torch
+
         return model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` float (N, 3, H, W) in this precision's memory format."""
+        import torch
+
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def lightning(self) -> str:
@@ -105,6 +111,8 @@ def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu
     InputError
         An unknown precision name (the valid ones are listed).
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise InputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     device_type = torch.device(device).type

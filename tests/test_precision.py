@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from dfsnet.models import precision as precision_module
-from dfsnet.models.precision import Precision, resolve_precision
+from dfsnet import precision as precision_module
+from dfsnet.precision import Precision, resolve_precision
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def test_auto_is_bf16_channels_last_on_a_cpu_with_bf16(native):
 
 def test_explicit_bf16_without_support_warns_and_runs_fp32(native, caplog):
     native(False)
-    with caplog.at_level(logging.WARNING, logger="dfsnet.models.precision"):
+    with caplog.at_level(logging.WARNING, logger="dfsnet.precision"):
         p = resolve_precision("bf16", "cpu")
     assert p.name == "fp32" and "no native bf16 support" in caplog.text
 
