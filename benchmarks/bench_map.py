@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         ours = {}
         for label, k in (("all", None), (str(args.k), args.k)):
             for ties in ("stable", "expected"):
-                best, median, res = best_time(lambda k=k, ties=ties: hamming_map(q, db, ql, dl, k=k, ties=ties), args.repeats)
+                best, median, res = best_time(lambda k=k, ties=ties: hamming_map(q, db, ql, dl, k=k, ties=ties),
+                                              args.repeats)
                 peak = peak_traced(lambda k=k, ties=ties: hamming_map(q, db, ql, dl, k=k, ties=ties))
                 ours[f"{label}_{ties}"] = {"k": k, "ties": ties, "map": res.map, "seconds": best,
                                            "median_seconds": median, "peak_traced_bytes": peak,
@@ -151,8 +152,8 @@ def main(argv=None) -> int:
         nb = args.baseline_queries or args.n_queries
         base = {}
         for label, topk in (("all", args.n_db), (str(args.k), args.k)):
-            best, median, values = best_time(lambda topk=topk: deephash_topk_map(q_pm[:nb], db_pm, q_oh[:nb], db_oh, topk),
-                                             args.repeats)
+            best, median, values = best_time(
+                lambda topk=topk: deephash_topk_map(q_pm[:nb], db_pm, q_oh[:nb], db_oh, topk), args.repeats)
             scale = args.n_queries / nb
             base[label] = {"map": float(values.mean()), "seconds": best * scale,
                            "median_seconds": median * scale, "queries_timed": nb}
