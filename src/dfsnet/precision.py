@@ -28,7 +28,7 @@ __all__ = ["PRECISIONS", "DEFAULT_PRECISION", "Precision", "resolve_precision", 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
-DEFAULT_PRECISION = "fp32"
+DEFAULT_PRECISION = "auto"
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

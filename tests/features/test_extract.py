@@ -43,13 +43,14 @@ class _Counter:
 
 
 def test_extract_features_shape_order_and_batching(model, dataset):
-    feats = extract_features(model, dataset, batch_size=4)
+    feats = extract_features(model, dataset, batch_size=4, precision="fp32")
     assert feats.shape == (len(dataset), model.meta.feature_dim) and feats.dtype == np.float32
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     with torch.no_grad():
         expected = model.features(x).numpy()
     np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(extract_features(model, dataset, batch_size=1), feats, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(extract_features(model, dataset, batch_size=1, precision="fp32"), feats,
+                               rtol=1e-4, atol=1e-5)
     assert not model.training  # the mode is restored
 
 
