@@ -189,3 +189,25 @@ def test_bf16_feature_maps_and_head_agree_with_fp32(model, dataset, tmp_path, bf
     b = extract_from_maps(model, bf16.maps, precision="bf16")
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.98
+
+
+def test_auto_workers_decode_files_and_skip_memory(dataset):
+    import os
+
+    from dfsnet.data import ArrayImageDataset
+    from dfsnet.features._loader import resolve_num_workers
+
+    assert dataset.reads_files and Subset(dataset, np.arange(3)).reads_files
+    assert resolve_num_workers(None, dataset, batch_size=1) == min(8, os.cpu_count())
+    assert resolve_num_workers(None, dataset, batch_size=64) == 0  # too short to pay for worker start-up
+    memory = ArrayImageDataset(np.zeros((300, 8, 8, 3), dtype=np.uint8), np.zeros(300, dtype=np.int64), ["a"])
+    assert not memory.reads_files and resolve_num_workers(None, memory, batch_size=4) == 0
+    assert resolve_num_workers(3, memory, batch_size=4) == 3
+    with pytest.raises(ValueError, match="num_workers"):
+        resolve_num_workers(-1, memory, batch_size=4)
+
+
+def test_auto_workers_give_the_same_features(model, dataset):
+    one = extract_features(model, dataset, batch_size=2, num_workers=0, precision="fp32")
+    auto = extract_features(model, dataset, batch_size=1, num_workers=None, precision="fp32")
+    np.testing.assert_allclose(auto, one, rtol=1e-4, atol=1e-5)

@@ -33,7 +33,8 @@ def add_loader_args(parser: argparse.ArgumentParser) -> None:
     """Batching and decoding settings of commands that run the network over images."""
     parser.add_argument("--batch-size", type=int, default=64, metavar="N",
                         help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=0, metavar="N",
-                        help="image-decoding worker processes (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, default=None, metavar="N",
+                        help="image-decoding worker processes (default: one per core for image files, "
+                             "at most 8)")
     add_device_arg(parser)
     add_progress_arg(parser)

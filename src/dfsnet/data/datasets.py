@@ -169,6 +169,11 @@ class _BaseImageDataset(Dataset):
         return np.zeros(len(self), dtype=bool)
 
     @property
+    def reads_files(self) -> bool:
+        """Whether items are decoded from files (worth DataLoader workers), not held in memory."""
+        return False
+
+    @property
     def n_skipped(self) -> int:
         """Number of unreadable images found so far, by this process or its DataLoader workers."""
         return int(self.skipped_mask().sum())
@@ -223,6 +228,10 @@ class _PathDataset(_BaseImageDataset):
 
     def skipped_mask(self) -> np.ndarray:
         return self._bad.numpy().astype(bool)
+
+    @property
+    def reads_files(self) -> bool:
+        return True
 
     def _fingerprint_paths(self) -> list[str]:
         raise NotImplementedError
@@ -468,6 +477,10 @@ class Subset(_BaseImageDataset):
     def skipped_mask(self) -> np.ndarray:
         return self.dataset.skipped_mask()[self.indices]
 
+    @property
+    def reads_files(self) -> bool:
+        return self.dataset.reads_files
+
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.dataset.fingerprint().encode())
         h.update(self.indices.tobytes())
@@ -533,6 +546,10 @@ class ConcatPool(_BaseImageDataset):
 
     def skipped_mask(self) -> np.ndarray:
         return np.concatenate([d.skipped_mask() for d in self.datasets])
+
+    @property
+    def reads_files(self) -> bool:
+        return any(d.reads_files for d in self.datasets)
 
     def fingerprint(self) -> str:
         """Hash of the parts' fingerprints, in order (hex, 20 chars)."""

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 _CACHE_VERSION = 1
 
 
-def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int = 0, device=None,
+def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int | None = None, device=None,
                      precision: str = DEFAULT_PRECISION, cache_dir=None, cache_key: str | None = None,
                      progress: bool = False) -> np.ndarray:
     """Pooled features of every item of ``dataset`` through ``model.features``.
@@ -38,8 +38,10 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int =
         :class:`dfsnet.models.DFSNet`.
     dataset : torch Dataset
         Map-style; items are ``(image float (3, H, W), label)`` or a bare image tensor.
-    batch_size, num_workers : int
-        DataLoader settings.
+    batch_size : int
+    num_workers : int, optional
+        Image-decoding DataLoader workers; default: chosen by
+        :func:`dfsnet.features._loader.resolve_num_workers` (workers for files, none in memory).
     device : str or torch.device, optional
     precision : {"auto", "fp32", "bf16"}
         See :func:`dfsnet.precision.resolve_precision`; features are returned as
@@ -79,7 +81,7 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int =
     return features
 
 
-def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_workers: int = 0,
+def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_workers: int | None = None,
                                device=None, precision: str = DEFAULT_PRECISION, cache_dir=None,
                                cache_key: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`extract_features`, but tolerant of unreadable items.

@@ -81,7 +81,7 @@ def feature_maps_key(backbone: torch.nn.Module, dataset, *, precision: str = "fp
 
 
 def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_size: int = 64,
-                        num_workers: int = 0, device=None, precision: str = DEFAULT_PRECISION,
+                        num_workers: int | None = None, device=None, precision: str = DEFAULT_PRECISION,
                         progress: bool = False) -> FeatureMaps:
     """Return the backbone's feature maps for every item of ``dataset``, computing them once.
 
@@ -97,8 +97,9 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     cache_dir : path
         Directory of ``maps-<key>.npy`` (the maps) and ``maps-<key>.meta.npz`` (labels, mask);
         the second is written last and marks the entry complete. Both are atomic.
-    batch_size, num_workers : int
-        DataLoader settings.
+    batch_size : int
+    num_workers : int, optional
+        Image-decoding workers; default: auto (see :func:`dfsnet.features.extract_features`).
     device : str or torch.device, optional
     precision : {"auto", "fp32", "bf16"}
         See :func:`dfsnet.precision.resolve_precision`; part of the cache key.
