@@ -396,7 +396,8 @@ def test_thumbnail_cache_uses_the_decoder(tmp_path, no_subprocess):
     records = {}
     for i, (name, data) in enumerate(files.items()):
         (tmp_path / name).write_bytes(data)
-        records[name] = SimpleNamespace(id=i, path=str(tmp_path / name), sha256=hashlib.sha256(data).hexdigest())
+        records[name] = SimpleNamespace(id=i, path=str(tmp_path / name), sha256=hashlib.sha256(data).hexdigest(),
+                                        size=len(data))
     for name in ("good.jpg", "good.png"):
         assert cache.get(records[name]) == _old_thumbnail_jpeg(files[name], 48)
     assert Image.open(io.BytesIO(cache.get(records["good.jpg"]))).size == (29, 48)

@@ -146,8 +146,8 @@ def _features_progress(stderr: bytes) -> tuple[int, int] | None:
 def _start_add(index: Path, images: Path, batch_size: int) -> tuple[subprocess.Popen, bytearray]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dfsnet.cli", "index", "add", str(index), str(images),
-                             "--batch-size", str(batch_size), "--progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env)
+                             "--batch-size", str(batch_size), "--progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
     buffer = bytearray()
 
     def pump():

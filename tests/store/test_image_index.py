@@ -73,8 +73,9 @@ def test_build_records_manifest_metadata_and_labels(world):
     assert manifest["model"]["backbone"] == "test_efficientnet"
     assert manifest["encoder"]["params"]["selector"]["class"] == "GainRatioSelector"
     files = sorted(p.name for p in world["index"].iterdir())
-    assert files == [".lock", "codes.000001.hidx", "encoder.npz", "features.000001.npy", "manifest.json",
-                     "metadata.000001.sqlite", "model.safetensors"]
+    assert files == [".lock", "codes.000001.hidx", "encoder.npz", "features.000001.npy", "manifest.000001.json",
+                     "manifest.json", "metadata.000001.sqlite", "model.safetensors"]
+    assert set(manifest["checksums"]) == {"codes.000001.hidx", "features.000001.npy", "metadata.000001.sqlite"}
     record = pipe.record(0)
     assert Path(record.path).is_file() and record.label == "class_0"
     assert record.size == Path(record.path).stat().st_size
@@ -195,9 +196,9 @@ def test_add_appends_new_images_and_skips_known_content(world, index_copy, tmp_p
     assert pipe.record(17).label == "class_1" and pipe.record(12).id == 12
     hits = pipe.search(new / "class_1" / "002.jpg", k=3, rerank=True)
     assert hits[0].path == str((new / "class_1" / "002.jpg").resolve())
-    # The superseded generation's files are gone; feature chunks accumulate.
+    # The previous generation stays (for `dfsnet index repair`); feature chunks accumulate.
     names = sorted(p.name for p in index_copy.iterdir())
-    assert "codes.000001.hidx" not in names and "metadata.000001.sqlite" not in names
+    assert {"codes.000001.hidx", "metadata.000001.sqlite", "manifest.000001.json"} <= set(names)
     assert {"codes.000002.hidx", "metadata.000002.sqlite", "features.000001.npy", "features.000002.npy"} <= set(names)
     assert verify_index(index_copy, files="all").ok
     only_bad = tmp_path / "only_bad"
@@ -248,7 +249,8 @@ def test_a_failed_write_leaves_the_previous_index_intact(world, index_copy, tmp_
     report = pipe.add(new)
     assert report.n_added == 4 and report.generation == 2
     names = {p.name for p in index_copy.iterdir()}
-    assert not any(n.endswith(".tmp") or "000001" in n and not n.startswith("features") for n in names)
+    assert not any(n.endswith(".tmp") or "000003" in n for n in names)
+    assert {"codes.000001.hidx", "manifest.000001.json", "codes.000002.hidx", "manifest.000002.json"} <= names
     assert verify_index(index_copy, files="all").ok
 
 

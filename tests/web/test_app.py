@@ -16,6 +16,8 @@ from dfsnet.web import DEFAULT_MAX_UPLOAD_BYTES, create_app
 from tests.conftest import make_image_folder
 
 MAX_UPLOAD = 200_000
+# TestClient's default Host, "testserver", is not on the default allow-list.
+LOCAL = "http://localhost"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def pipe(web_index) -> ImageIndex:
 
 @pytest.fixture(scope="module")
 def client(pipe) -> TestClient:
-    with TestClient(create_app(pipe, max_upload_bytes=MAX_UPLOAD, max_k=20)) as c:
+    with TestClient(create_app(pipe, max_upload_bytes=MAX_UPLOAD, max_k=20), base_url=LOCAL) as c:
         yield c
 
 
@@ -66,7 +68,7 @@ def test_rerank_over_http(client, web_index):
 
 
 def test_rerank_without_features_is_a_400(web_index):
-    with TestClient(create_app(web_index["plain"])) as c:
+    with TestClient(create_app(web_index["plain"]), base_url=LOCAL) as c:
         response = _search(c, _jpeg(), rerank="true")
     assert response.status_code == 400 and "store-features" in response.json()["detail"]
 
@@ -98,7 +100,7 @@ def test_docs_assets_are_served_locally_when_fastapi_offline_is_installed(client
 
 def test_default_upload_limit_is_20_mib(pipe):
     assert DEFAULT_MAX_UPLOAD_BYTES == 20 * 2**20
-    with TestClient(create_app(pipe)) as c:
+    with TestClient(create_app(pipe), base_url=LOCAL) as c:
         assert c.get("/api/info").json()["max_upload_bytes"] == 20 * 2**20
         response = _search(c, b"\xff\xd8" + b"\0" * (21 * 2**20))
     assert response.status_code == 413 and "limit is" in response.json()["detail"]
@@ -173,7 +175,7 @@ def test_decompression_bombs_are_refused_before_decoding(client, side):
 
 
 def test_configured_pixel_limit(pipe):
-    with TestClient(create_app(pipe, max_image_pixels=1000)) as c:
+    with TestClient(create_app(pipe, max_image_pixels=1000), base_url=LOCAL) as c:
         assert _search(c, _jpeg(size=(40, 30))).status_code == 413
         assert _search(c, _jpeg(size=(20, 20))).status_code == 200
 
@@ -210,7 +212,7 @@ def test_changed_or_missing_indexed_file_is_404_not_500(web_index, tmp_path):
     pipe = ImageIndex.build(web_index["ckpt"], images, tmp_path / "idx", bits=32, fit_on=web_index["images"])
     Image.new("RGB", (8, 8)).save(pipe.record(0).path)
     shutil.rmtree(images / "class_1")
-    with TestClient(create_app(pipe)) as c:
+    with TestClient(create_app(pipe), base_url=LOCAL) as c:
         changed = c.get("/api/images/0")
         missing = c.get("/api/images/1")
     assert changed.status_code == 404 and "changed on disk" in changed.json()["detail"]
@@ -219,7 +221,7 @@ def test_changed_or_missing_indexed_file_is_404_not_500(web_index, tmp_path):
 
 def test_server_follows_an_index_add_by_another_process(web_index, tmp_path):
     shutil.copytree(web_index["index"], tmp_path / "index")
-    with TestClient(create_app(tmp_path / "index", refresh_interval=0.01)) as c:
+    with TestClient(create_app(tmp_path / "index", refresh_interval=0.01), base_url=LOCAL) as c:
         assert c.get("/healthz").json()["count"] == 12
         ImageIndex.load(tmp_path / "index").add(make_image_folder(tmp_path / "more", n_classes=2, per_class=1))
         time.sleep(0.05)

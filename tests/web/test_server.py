@@ -28,7 +28,8 @@ def test_200_parallel_searches_all_succeed(web_index, live_server):
                                          data={"k": "5"})
             return await asyncio.gather(*(one(i) for i in range(N_REQUESTS)))
 
-    with live_server(create_app(pipe)) as url:
+    # All 200 in flight at once: above the default concurrency limit (whose 503s test_hardening checks).
+    with live_server(create_app(pipe, max_concurrent_requests=N_REQUESTS)) as url:
         responses = asyncio.run(asyncio.wait_for(fire(url), timeout=300))
         health = httpx.get(f"{url}/healthz", timeout=10)
     assert health.status_code == 200
@@ -78,3 +79,19 @@ def test_dfsnet_serve_command(web_index):
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Finished server process" in out
     assert f"on http://127.0.0.1:{port}/" in out
+
+
+def test_serve_refuses_a_busy_port_before_loading_anything(tmp_path, capsys):
+    """CLI: `serve` on a busy port printed "serving on ..." and then failed."""
+    import socket
+
+    from dfsnet.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code = main(["serve", str(tmp_path / "no-index-here"), "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "serving" not in out
+    assert err.startswith("dfsnet serve: error: --port: cannot listen on 127.0.0.1:") and "Traceback" not in err

@@ -1,10 +1,11 @@
-"""`dfsnet index build|add|info|verify|search` (and `dfsnet search`, its short form): a persistent index of an
-image collection."""
+"""`dfsnet index build|add|info|verify|search|remove|prune|repair` (and `dfsnet search`, its short form): a
+persistent index of an image collection."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import unicodedata
 
 from dfsnet.cli._common import add_device_arg, add_loader_args, progress_enabled
 from dfsnet.errors import UserError
@@ -37,10 +38,14 @@ def register(subparsers) -> None:
                        help="also store float features, for `dfsnet search --rerank`")
     build.add_argument("--image-size", type=int, default=None,
                        help="network input size (default: the checkpoint's training size)")
+    build.add_argument("--force", action="store_true",
+                       help="build even where INDEX_DIR holds an index or its remains, replacing it "
+                            "(try `dfsnet index repair` first)")
     add_loader_args(build)
     build.set_defaults(func=_build)
 
-    add = sub.add_parser("add", help="add new images to an index (skips already indexed content)")
+    add = sub.add_parser("add", help="add new images to an index (skips already indexed content, "
+                                     "re-points moved files)")
     _add_index_dir(add)
     add.add_argument("images", metavar="DIR", nargs="?", help="image folder (or --images DIR)")
     add.add_argument("--images", dest="images_flag", metavar="DIR", help=argparse.SUPPRESS)
@@ -61,6 +66,26 @@ def register(subparsers) -> None:
     verify.add_argument("--files", choices=FILE_CHECKS, default="sample",
                         help="indexed image files to re-hash (default: a sample of 200)")
     verify.set_defaults(func=_verify)
+
+    remove = sub.add_parser("remove", help="drop images from an index by id or path (ids are never reused)",
+                            description="Drop images from the index, as a new generation; the other images "
+                                        "keep their ids.")
+    _add_index_dir(remove)
+    remove.add_argument("ids", metavar="ID", nargs="*", type=int, help="ids of indexed images")
+    remove.add_argument("--path", dest="paths", metavar="P", action="append", default=[],
+                        help="path of an indexed image file (repeatable)")
+    remove.set_defaults(func=_remove)
+
+    prune = sub.add_parser("prune", help="drop the images whose file is gone or changed")
+    _add_index_dir(prune)
+    prune.add_argument("--dry-run", action="store_true", help="only list what would be dropped")
+    prune.set_defaults(func=_prune)
+
+    repair = sub.add_parser("repair", help="recover the newest complete generation of a damaged index",
+                            description="Check the committed generation and the kept manifest copies, and "
+                                        "commit the newest complete one (exit 1 when none is).")
+    _add_index_dir(repair)
+    repair.set_defaults(func=_repair)
 
     # `dfsnet index search` and its short form `dfsnet search` are one command.
     for parent in (sub, subparsers):
@@ -97,12 +122,29 @@ def _one_of(args, positional: str, flag: str, what: str) -> str:
     return given[0]
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other non-printing characters escaped (``\\x1b``, ``\\u202e``):
+    a file name can carry terminal escape sequences. Undecodable bytes of a file name
+    (``os.fsdecode``'s surrogates) show as the byte, ``\\xNN``."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif unicodedata.category(ch).startswith("C"):
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _print_report(verb: str, report) -> None:
+    moved = f", {report.n_moved} moved files re-pointed" if report.n_moved else ""
     print(f"{verb} {report.n_added} images ({report.n_duplicates} already indexed, {report.n_bad} unreadable "
-          f"skipped); the index holds {report.count} images (generation {report.generation}) "
+          f"skipped{moved}); the index holds {report.count} images (generation {report.generation}) "
           f"[{report.seconds:.1f} s]")
     for path in report.bad_paths[:10]:
-        print(f"  unreadable: {path}", file=sys.stderr)
+        print(f"  unreadable: {printable(path)}", file=sys.stderr)
     if len(report.bad_paths) > 10:
         print(f"  ... and {len(report.bad_paths) - 10} more", file=sys.stderr)
 
@@ -115,7 +157,8 @@ def _build(args) -> int:
     pipe = ImageIndex.build(args.model, args.images, out, bits=args.bits, fit_on=args.fit_on,
                             selector=selector, hasher=args.hasher, store_features=args.store_features,
                             image_size=args.image_size, batch_size=args.batch_size,
-                            num_workers=args.num_workers, device=args.device, progress=progress_enabled(args))
+                            num_workers=args.num_workers, device=args.device, progress=progress_enabled(args),
+                            force=args.force)
     _print_report("indexed", pipe.last_report)
     print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes)")
     return 0
@@ -165,13 +208,15 @@ def _verify(args) -> int:
 
     read_manifest(args.index_dir)  # a clear error when it is no index at all
     report = verify_index(args.index_dir, model=args.model, files=args.files)
+    for note in report.notes:
+        print(f"note: {printable(note)}")
     if report.ok:
         print(f"ok: {report.count} images, generation {report.generation}, "
               f"{report.n_files_checked} image files re-hashed")
         return 0
     print(f"dfsnet index verify: {len(report.errors)} problem(s) in {args.index_dir}:", file=sys.stderr)
     for error in report.errors[:20]:
-        print(f"  - {error}", file=sys.stderr)
+        print(f"  - {printable(error)}", file=sys.stderr)
     if len(report.errors) > 20:
         print(f"  ... and {len(report.errors) - 20} more", file=sys.stderr)
     return 1
@@ -188,10 +233,63 @@ def _search(args) -> int:
         return 0
     header = ["rank", "hamming"] + (["euclid"] if args.rerank else []) + ["label", "path"]
     rows = [[str(h.rank), str(h.distance)] + ([f"{h.score:.4f}"] if args.rerank else [])
-            + [h.label if h.label is not None else "-", h.path] for h in hits]
+            + [printable(h.label) if h.label is not None else "-", printable(h.path)] for h in hits]
     numeric = 3 if args.rerank else 2
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [f"{c:>{w}}" if i < numeric else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))]
         print("  ".join([*cells, row[-1]]))
     return 0
+
+
+def _print_records(what: str, records) -> None:
+    for record in records[:20]:
+        print(f"  {what} {record.id}: {printable(record.path)}")
+    if len(records) > 20:
+        print(f"  ... and {len(records) - 20} more")
+
+
+def _remove(args) -> int:
+    from dfsnet.store import remove_images
+
+    if not args.ids and not args.paths:
+        raise UserError("ID: expected at least one id or --path to remove, got none")
+    report = remove_images(args.index_dir, args.ids, paths=args.paths)
+    print(f"removed {len(report.removed)} images; the index holds {report.count} images "
+          f"(generation {report.generation})")
+    _print_records("removed", report.removed)
+    return 0
+
+
+def _prune(args) -> int:
+    from dfsnet.store import prune_index
+
+    report = prune_index(args.index_dir, dry_run=args.dry_run)
+    verb = "would remove" if report.dry_run else "removed"
+    print(f"{verb} {report.n_stale} stale images ({len(report.gone)} gone, {len(report.changed)} changed); "
+          f"the index holds {report.count} images (generation {report.generation})")
+    _print_records("gone", report.gone)
+    _print_records("changed", report.changed)
+    return 0
+
+
+def _repair(args) -> int:
+    from dfsnet.store import repair_index
+
+    report = repair_index(args.index_dir)
+    if report.status == "ok":
+        print(f"ok: generation {report.generation} ({report.count} images) is complete; nothing to repair")
+        return 0
+    if report.status == "repaired":
+        print(f"repaired: the index now serves generation {report.generation} ({report.count} images)")
+        for lost in report.lost:
+            print(f"  lost: {printable(lost)}")
+        if report.kept:
+            print(f"  the lost generations' files were kept as {', '.join(report.kept)}; re-add their images "
+                  "with `dfsnet index add`")
+        return 0
+    print(f"dfsnet index repair: no complete generation in {printable(str(args.index_dir))}:", file=sys.stderr)
+    for problem in report.problems[:20]:
+        print(f"  - {printable(problem)}", file=sys.stderr)
+    print("  rebuild it with `dfsnet index build --force`", file=sys.stderr)
+    return 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import threading
 import time
@@ -31,21 +32,33 @@ from dfsnet._io import atomic_write, sha256_file
 from dfsnet._validation import check_positive_int
 from dfsnet.errors import InputError, InputTypeError, NotFoundError
 from dfsnet.images import open_image
-from dfsnet.store.builder import AddReport, Builder, scan_images
+from dfsnet.store.builder import DEFAULT_BITS, AddReport, Builder, scan_images
+from dfsnet.store.files import check_on_load, npy_layout
 from dfsnet.store.lock import collect_garbage, write_lock
+from dfsnet.store.maintenance import (
+    PruneReport,
+    RemoveReport,
+    RepairReport,
+    find_remains,
+    prune_index,
+    remove_images,
+    repair_index,
+)
 from dfsnet.store.manifest import (
     ENCODER_FILE,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     MODEL_FILE,
+    IndexDamagedError,
     check_compatible,
+    check_same_index,
     encoder_params,
     now,
     read_manifest,
     referenced_files,
 )
-from dfsnet.store.metadata import ImageRecord, MetadataReader
+from dfsnet.store.metadata import INT64_MAX, INT64_MIN, ImageRecord, MetadataReader
 from dfsnet.store.verify import VerifyReport, verify_index
 
 __all__ = ["ImageIndex", "SearchHit"]
@@ -85,7 +98,11 @@ class SearchHit:
 
 
 class _Generation:
-    """One committed generation, loaded: immutable, so searches may hold it while a write swaps it."""
+    """One committed generation, loaded: immutable, so searches may hold it while a write swaps it.
+
+    Raises :class:`IndexDamagedError` naming the file when one is missing, damaged (by the
+    checks of :func:`dfsnet.store.files.check_on_load`) or inconsistent with the manifest.
+    """
 
     def __init__(self, index_dir: Path, manifest: dict):
         from dfsnet.index import HammingIndex
@@ -94,17 +111,39 @@ class _Generation:
         self.manifest = manifest
         self.generation = int(manifest["generation"])
         self.count = int(manifest["count"])
-        self.index = HammingIndex.load(index_dir / files["codes"])
-        if len(self.index) != self.count:
-            raise InputError(f"index_dir: {files['codes']} holds {len(self.index)} codes but the manifest "
-                             f"counts {self.count}; run `dfsnet index verify`")
+        if files["codes"] is None or files["metadata"] is None:
+            raise IndexDamagedError(f"index_dir: the manifest of {index_dir} names no codes or metadata file")
+        check_on_load(index_dir, manifest)
+        try:
+            self.index = HammingIndex.load(index_dir / files["codes"])
+        except ValueError as exc:
+            raise IndexDamagedError(f"index_dir: {files['codes']} is damaged ({exc}); run `dfsnet index verify`, "
+                                    "then `dfsnet index repair`") from None
+        for what, found, expected in (("codes", len(self.index), self.count),
+                                      ("bit width", self.index.n_bits, int(manifest["bits"]))):
+            if found != expected:
+                raise IndexDamagedError(f"index_dir: {files['codes']} has {what} {found}, the manifest says "
+                                        f"{expected}; run `dfsnet index verify`")
         self.metadata = MetadataReader(index_dir / files["metadata"])
-        self.chunks: list[np.ndarray] = []
+        try:
+            found_gen, found_count = self.metadata.generation(), self.metadata.count()
+        except IndexDamagedError:
+            self.metadata.close()
+            raise
+        if (found_gen, found_count) != (self.generation, self.count):
+            self.metadata.close()
+            raise IndexDamagedError(f"index_dir: {files['metadata']} holds {found_count} images of generation "
+                                    f"{found_gen}, the manifest counts {self.count} at generation "
+                                    f"{self.generation}; run `dfsnet index verify`")
+        # Feature rows are read with pread, not a memory map: a chunk truncated while it is
+        # served then fails one request with an error instead of killing the process (SIGBUS).
+        self.chunks: list[tuple[Path, int, int]] = []
         self.offsets = np.zeros(1, dtype=np.int64)
         if files["features"]:
-            self.chunks = [np.load(index_dir / c["file"], mmap_mode="r", allow_pickle=False)
+            self.chunks = [(index_dir / c["file"], npy_layout(index_dir / c["file"]).offset, int(c["rows"]))
                            for c in files["features"]]
-            self.offsets = np.cumsum([0] + [c.shape[0] for c in self.chunks])
+            self.offsets = np.cumsum([0] + [rows for _, _, rows in self.chunks])
+        self.feature_dim = int(manifest["model"]["feature_dim"])
 
     @classmethod
     def load(cls, index_dir: Path) -> _Generation:
@@ -114,7 +153,7 @@ class _Generation:
             manifest = read_manifest(index_dir)
             try:
                 return cls(index_dir, manifest)
-            except FileNotFoundError:
+            except (FileNotFoundError, IndexDamagedError):
                 retries -= 1
                 if retries < 0 or read_manifest(index_dir)["generation"] == manifest["generation"]:
                     raise
@@ -122,7 +161,27 @@ class _Generation:
     def features_of(self, ids: np.ndarray) -> np.ndarray:
         """float32 (len(ids), D): stored features of ``ids``."""
         chunk = np.searchsorted(self.offsets, ids, side="right") - 1
-        return np.stack([self.chunks[c][i - self.offsets[c]] for c, i in zip(chunk, ids)]).astype(np.float32)
+        row_bytes = 4 * self.feature_dim
+        out = np.empty((len(ids), self.feature_dim), dtype=np.float32)
+        by_chunk: dict[int, list[int]] = {}
+        for j, c in enumerate(chunk):
+            by_chunk.setdefault(int(c), []).append(j)
+        for c, rows in by_chunk.items():
+            path, offset, _ = self.chunks[c]
+            try:
+                with open(path, "rb", buffering=0) as fh:
+                    for j in rows:
+                        data = os.pread(fh.fileno(), row_bytes, offset + int(ids[j] - self.offsets[c]) * row_bytes)
+                        if len(data) != row_bytes:
+                            raise OSError(f"short read of {len(data)} of {row_bytes} bytes")
+                        out[j] = np.frombuffer(data, dtype="<f4")
+            except OSError as exc:
+                raise IndexDamagedError(f"index_dir: {path.name} cannot be read ({exc}); run "
+                                        "`dfsnet index verify`") from None
+        return out
+
+    def close(self) -> None:
+        self.metadata.close()
 
 
 class ImageIndex:
@@ -199,7 +258,7 @@ class ImageIndex:
     def build(cls, model_path, images_dir, out_dir, *, bits: int | None = None, fit_on=None,
               selector: str | None = "gain_ratio", hasher: str = "sample_mean",
               store_features: bool = False, image_size: int | None = None, batch_size: int = 64,
-              num_workers: int = 0, device=None, progress: bool = False) -> ImageIndex:
+              num_workers: int = 0, device=None, progress: bool = False, force: bool = False) -> ImageIndex:
         """Index the images under ``images_dir`` into a new index folder ``out_dir``.
 
         Parameters
@@ -230,11 +289,24 @@ class ImageIndex:
             ``None`` or ``"auto"``: CUDA when available, else the CPU.
         progress : bool
             Show progress bars.
+        force : bool
+            Build even where ``out_dir`` holds an index or its remains (files of an index
+            without a manifest, which `dfsnet index repair` may recover): the new index
+            replaces it once committed. Its generations are numbered above every one found,
+            so no file of the old index is ever taken for one of the new. If the build fails,
+            the old files stay for `dfsnet index repair`.
 
         Returns
         -------
         ImageIndex
             Opened on the new index; ``last_report`` says what was indexed.
+
+        Raises
+        ------
+        InputError
+            ``out_dir`` holds an index or its remains (without ``force``), ``bits`` more
+            than the model's feature width when fitting a selector or ITQ, or no decodable
+            image under ``images_dir``.
         """
         from dfsnet.features import resolve_device
         from dfsnet.hashing import Encoder
@@ -251,11 +323,14 @@ class ImageIndex:
         image_size = check_positive_int(image_size if image_size is not None else meta.input_size[-1],
                                         name="image_size")
         out_dir = Path(out_dir).expanduser().resolve()
-        if (out_dir / MANIFEST).exists():
-            raise InputError(f"out_dir: {out_dir} already holds an index; add images with `dfsnet index add` "
-                             "(ImageIndex.add) or choose a new folder")
         if out_dir.exists() and not out_dir.is_dir():
             raise NotADirectoryError(f"out_dir: expected a folder, got the file {out_dir}")
+        _refuse_remains(out_dir, force)
+        if fit_on is not None and (selector is not None or hasher == "itq"):
+            wanted = bits or DEFAULT_BITS
+            if wanted > meta.feature_dim:  # checked here, before minutes of feature extraction
+                raise InputError(f"bits: {wanted} bits select {wanted} features, but the model's features have "
+                                 f"{meta.feature_dim} dimensions; choose bits <= {meta.feature_dim}")
         files = scan_images(images_dir)
         if not files:
             raise InputError(f"images_dir: no image files found under {Path(images_dir).resolve()}")
@@ -277,16 +352,15 @@ class ImageIndex:
                                  f"{meta.feature_dim}; it belongs to another model: pass fit_on (--fit-on)")
         out_dir.mkdir(parents=True, exist_ok=True)
         with write_lock(out_dir):
-            if (out_dir / MANIFEST).exists():  # another process built here meanwhile
-                raise InputError(f"out_dir: {out_dir} already holds an index; choose a new folder")
-            collect_garbage(out_dir, None)
+            remains = _refuse_remains(out_dir, force)  # again: another process may have built here meanwhile
+            base = max([g for _, g in remains], default=0)
             try:
                 report = _write_first_generation(
                     model_path, meta, out_dir, files, encoder, bits=bits, fit_on=fit_on, selector=selector,
                     hasher=hasher, store_features=store_features, image_size=image_size, batch_size=batch_size,
-                    num_workers=num_workers, device=device, progress=progress)
+                    num_workers=num_workers, device=device, progress=progress, base_generation=base)
             finally:
-                if not (out_dir / MANIFEST).exists():  # failed: leave no half-built index behind
+                if not remains and not (out_dir / MANIFEST).exists():  # failed: leave no half-built index
                     for name in (MODEL_FILE, ENCODER_FILE):
                         (out_dir / name).unlink(missing_ok=True)
         index = cls(out_dir, device=device)
@@ -323,6 +397,11 @@ class ImageIndex:
             progress: bool = False) -> AddReport:
         """Index the images under ``images_dir`` not indexed yet (by content hash).
 
+        A file whose content is indexed under another path that is gone or changed (a moved
+        file) is re-pointed to its new path and keeps its id; ``AddReport.n_moved`` counts
+        those. Files with names that are not valid UTF-8, or that are no regular file, are
+        skipped, logged and counted in ``n_bad``.
+
         Parameters
         ----------
         images_dir : path-like
@@ -344,22 +423,52 @@ class ImageIndex:
             collect_garbage(self.index_dir, self.manifest)
             builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
                               model_lock=self._model_lock)
-            report = builder.commit(dict(self.manifest), self._state.metadata.hashes(), files, self.encoder,
+            report = builder.commit(dict(self.manifest), self._state.metadata.by_hash(), files, self.encoder,
                                     batch_size=batch_size, num_workers=num_workers, progress=progress)
             self.refresh()
         report.seconds = time.perf_counter() - started
         self.last_report = report
-        logger.info("added %d images to %s (%d duplicates, %d bad); %d in total", report.n_added,
-                    self.index_dir, report.n_duplicates, report.n_bad, report.count)
+        logger.info("added %d images to %s (%d moved, %d duplicates, %d bad); %d in total", report.n_added,
+                    self.index_dir, report.n_moved, report.n_duplicates, report.n_bad, report.count)
         return report
 
+    def remove(self, ids=(), *, paths=()) -> RemoveReport:
+        """Drop images from the index by id or by path; see :func:`dfsnet.store.remove_images`.
+
+        Ids are never renumbered: the others keep theirs, and removed ids are not given out again.
+        """
+        report = remove_images(self.index_dir, ids=ids, paths=paths)
+        self.refresh()
+        return report
+
+    def prune(self, *, dry_run: bool = False) -> PruneReport:
+        """Drop the images whose file is gone or changed; see :func:`dfsnet.store.prune_index`."""
+        report = prune_index(self.index_dir, dry_run=dry_run)
+        self.refresh()
+        return report
+
+    @staticmethod
+    def repair(index_dir) -> RepairReport:
+        """Recover the newest complete generation of ``index_dir``; see :func:`dfsnet.store.repair_index`."""
+        return repair_index(index_dir)
+
     def refresh(self) -> bool:
-        """Follow a newer committed generation (written by another process). Returns True if it changed."""
+        """Follow a newer committed generation (written by another process). Returns True if it changed.
+
+        Raises
+        ------
+        InputError
+            The new generation was made with another model, encoder, code width, feature width
+            or image size than the loaded one (:class:`IndexDamagedError` when one of its files
+            is damaged); this object keeps serving the generation it has.
+        """
         manifest = read_manifest(self.index_dir)
         if manifest["generation"] == self._state.generation:
             return False
-        check_compatible(self.index_dir, manifest, expect_hash=self._state.manifest["checkpoint"]["hash"])
-        self._state = _Generation.load(self.index_dir)
+        check_same_index(self.index_dir, self._state.manifest, manifest)
+        state = _Generation.load(self.index_dir)
+        check_same_index(self.index_dir, self._state.manifest, state.manifest)
+        self._state = state
         return True
 
     # ---------------------------------------------------------------------------------------
@@ -432,6 +541,8 @@ class ImageIndex:
         query = check_array(np.asarray(features).reshape(1, -1), name="features")
         codes = self.encoder.transform(query)
         shortlist = min(k * rerank_factor if rerank else k, state.count)
+        if not shortlist:  # every image removed
+            return []
         distances, ids = state.index.search(codes, shortlist)
         keep = ids[0] >= 0
         distances, ids = distances[0][keep].astype(np.int64), ids[0][keep]
@@ -456,9 +567,11 @@ class ImageIndex:
         """Metadata of the indexed image ``image_id`` (NotFoundError, a KeyError, if there is none)."""
         if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)):
             raise InputTypeError(f"image_id: expected an int, got {type(image_id).__name__}")
+        if not INT64_MIN <= int(image_id) <= INT64_MAX:
+            raise NotFoundError(f"image_id: no image with id {image_id} in the index (ids are 64-bit integers)")
         found = self._state.metadata.records([image_id])
         if int(image_id) not in found:
-            raise NotFoundError(f"image_id: no image with id {image_id} in the index (ids are 0..{len(self) - 1})")
+            raise NotFoundError(f"image_id: no image with id {image_id} in the index")
         return found[int(image_id)]
 
     # ---------------------------------------------------------------------------------------
@@ -496,8 +609,9 @@ class ImageIndex:
 
 def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encoder, *, bits, fit_on, selector,
                             hasher, store_features, image_size, batch_size, num_workers, device,
-                            progress) -> AddReport:
-    """Copy the model, fit or copy the encoder and write generation 1 of a new index."""
+                            progress, base_generation: int = 0) -> AddReport:
+    """Copy the model, fit or copy the encoder and write the first generation of a new index
+    (``base_generation + 1``: above every generation of an index it replaces)."""
     from dfsnet.models import checkpoint_hash
 
     # The copy makes the index self-contained; its hash is checked on every load.
@@ -515,10 +629,11 @@ def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encode
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dfsnet_version": __version__,
-        "generation": 0,
+        "generation": base_generation,
         "created": now(),
         "updated": now(),
         "count": 0,
+        "next_id": 0,
         "bits": int(encoder.n_bits_),
         "image_size": image_size,
         "checkpoint": {"hash": ckpt, "file": MODEL_FILE, "source": str(model_path)},
@@ -532,10 +647,26 @@ def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encode
         "store_features": bool(store_features),
         "files": {"codes": None, "metadata": None, "features": [] if store_features else None},
         "stats": {"n_bad": 0, "n_duplicates": 0},
+        "checksums": {},
     }
-    report = builder.commit(manifest, set(), files, encoder, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress)
+    # keep_previous=False: the files of an index this one replaces (build --force) go.
+    report = builder.commit(manifest, {}, files, encoder, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress, keep_previous=False)
     if report.n_added == 0:
         raise InputError(f"images_dir: none of the {len(files)} image files could be decoded; "
                          "no index was written")
     return report
+
+
+def _refuse_remains(out_dir: Path, force: bool) -> list[tuple[str, int]]:
+    """The index files in ``out_dir`` as ``(name, generation)``; refused unless ``force``."""
+    remains = find_remains(out_dir)
+    if remains and not force:
+        names = sorted(n for n, _ in remains)
+        if (out_dir / MANIFEST).exists():
+            raise InputError(f"out_dir: {out_dir} already holds an index; add images with `dfsnet index add` "
+                             "(ImageIndex.add), choose a new folder, or pass force (--force) to replace it")
+        raise InputError(f"out_dir: {out_dir} holds the remains of an index ({', '.join(names[:4])}"
+                         f"{' ...' if len(names) > 4 else ''}) but no {MANIFEST}; recover it with "
+                         "`dfsnet index repair` (ImageIndex.repair), or pass force (--force) to replace it")
+    return remains

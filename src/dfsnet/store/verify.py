@@ -10,22 +10,37 @@ import numpy as np
 
 from dfsnet._io import sha256_file
 from dfsnet._validation import check_choice, check_positive_int
-from dfsnet.store.manifest import ENCODER_FILE, MODEL_FILE, read_manifest, referenced_files
-from dfsnet.store.metadata import sqlite_uri
+from dfsnet.store.files import checksum_problem, feature_problem, is_regular_file
+from dfsnet.store.manifest import ENCODER_FILE, MODEL_FILE, next_id, read_manifest, referenced_files
+from dfsnet.store.metadata import sqlite_header_problem, sqlite_uri
 
-__all__ = ["VerifyReport", "verify_index"]
+__all__ = ["VerifyReport", "verify_index", "verify_generation"]
 
 FILE_CHECKS = ("sample", "all", "none")
 
 
 @dataclasses.dataclass
 class VerifyReport:
-    """Result of :func:`verify_index`: ``ok`` when ``errors`` is empty."""
+    """Result of :func:`verify_index`: ``ok`` when ``errors`` is empty.
+
+    Attributes
+    ----------
+    errors : list of str
+        Each problem, naming the file (of the index, or an indexed image) it is in.
+    n_files_checked : int
+        Indexed image files re-hashed.
+    count, generation : int
+        From the manifest.
+    notes : list of str
+        What could not be checked, e.g. checksums absent from a manifest written by an
+        older dfsnet.
+    """
 
     errors: list[str]
     n_files_checked: int
     count: int
     generation: int
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -34,12 +49,14 @@ class VerifyReport:
 
 def verify_index(index_dir, *, model=None, files: str = "sample", sample_size: int = 200,
                  seed: int = 0) -> VerifyReport:
-    """Check the committed index at ``index_dir`` for consistency, without loading its model.
+    """Check the committed index at ``index_dir`` for damage and consistency, without loading its model.
 
-    Checks the manifest against the codes (count, bit width, ids 0..n-1, checksum), the
-    metadata (generation, count, ids) and the feature chunks (rows, width); the model copy
-    and encoder against their recorded hashes; optionally a checkpoint against the one the
-    index was built with; and the indexed image files against their recorded content hashes.
+    Checks every codes, metadata and feature file against the size and SHA-256 the manifest
+    records; SQLite's ``integrity_check`` on the metadata; the manifest against the codes
+    (count, bit width, ids, the file's own checksum), the metadata (generation, count, the
+    same ids) and the feature chunks (rows, width); the model copy and encoder against their
+    recorded hashes; optionally a checkpoint against the one the index was built with; and
+    the indexed image files against their recorded content hashes.
 
     Parameters
     ----------
@@ -56,83 +73,122 @@ def verify_index(index_dir, *, model=None, files: str = "sample", sample_size: i
     Returns
     -------
     VerifyReport
+
+    Raises
+    ------
+    FileNotFoundError, InputError
+        No index at ``index_dir``, or a manifest that cannot be read (as :func:`read_manifest`).
     """
+    check_choice(files, FILE_CHECKS, name="files")
+    sample_size = check_positive_int(sample_size, name="sample_size")
+    index_dir = Path(index_dir).expanduser().resolve()
+    return verify_generation(index_dir, read_manifest(index_dir), model=model, files=files,
+                             sample_size=sample_size, seed=seed)
+
+
+def verify_generation(index_dir: Path, manifest: dict, *, model=None, files: str = "none", sample_size: int = 200,
+                      seed: int = 0) -> VerifyReport:
+    """:func:`verify_index` of the generation ``manifest`` describes (e.g. a manifest copy), not
+    necessarily the committed one."""
     from dfsnet.hashing import Encoder
     from dfsnet.index import HammingIndex
     from dfsnet.models import checkpoint_hash
 
-    check_choice(files, FILE_CHECKS, name="files")
-    sample_size = check_positive_int(sample_size, name="sample_size")
-    index_dir = Path(index_dir).expanduser().resolve()
     errors: list[str] = []
-    manifest = read_manifest(index_dir)
+    notes: list[str] = []
     generation, count, bits = int(manifest["generation"]), int(manifest["count"]), int(manifest["bits"])
     fl = manifest["files"]
     names = referenced_files(manifest)
-    missing = [n for n in names if not (index_dir / n).is_file()]
+    missing = [n for n in names if not is_regular_file(index_dir / n)]
     if missing:
         errors.append(f"files named by the manifest are missing: {', '.join(missing)}")
         return VerifyReport(errors, 0, count, generation)
 
+    recorded = manifest.get("checksums") or {}
+    unsummed = [n for n in names if n not in (MODEL_FILE, ENCODER_FILE) and n not in recorded]
+    if unsummed:
+        notes.append(f"the manifest records no checksum of {', '.join(unsummed)} (written by an older dfsnet); "
+                     "those files were checked by their structure only")
+    damaged = set()
+    for name in names:
+        problem = checksum_problem(index_dir, manifest, name, full=True)
+        if problem:
+            errors.append(problem)
+            damaged.add(name)
+
     built = manifest["checkpoint"]["hash"]
     found = checkpoint_hash(index_dir / MODEL_FILE)
     if found != built:
-        errors.append(f"{MODEL_FILE} has hash {found}, but the index was built with checkpoint hash {built}")
+        errors.append(f"{MODEL_FILE} is damaged or replaced: hash {found}, but the index was built with "
+                      f"checkpoint hash {built}")
     if model is not None:
         given = checkpoint_hash(model)
         if given != built:
-            errors.append(f"the index was built with checkpoint {manifest['checkpoint']['source']} (hash {built}), "
+            errors.append(f"the index was built with checkpoint {manifest['checkpoint'].get('source')} (hash {built}), "
                           f"not with {Path(model).resolve()} (hash {given})")
     if sha256_file(index_dir / ENCODER_FILE) != manifest["encoder"]["sha256"]:
-        errors.append(f"{ENCODER_FILE} does not match the sha256 recorded in the manifest")
+        errors.append(f"{ENCODER_FILE} is damaged or replaced: it does not match the sha256 recorded in the manifest")
     else:
-        encoder = Encoder.load(index_dir / ENCODER_FILE)
-        if encoder.n_bits_ != bits:
-            errors.append(f"{ENCODER_FILE} makes {encoder.n_bits_}-bit codes, the manifest says {bits}")
+        try:
+            encoder = Encoder.load(index_dir / ENCODER_FILE)
+        except (ValueError, OSError, KeyError) as exc:
+            errors.append(f"{ENCODER_FILE} cannot be read ({exc})")
+        else:
+            if encoder.n_bits_ != bits:
+                errors.append(f"{ENCODER_FILE} makes {encoder.n_bits_}-bit codes, the manifest says {bits}")
 
+    code_ids = None
     try:
         index = HammingIndex.load(index_dir / fl["codes"])
     except ValueError as exc:
-        errors.append(f"{fl['codes']}: {exc}")
+        errors.append(f"{fl['codes']} is damaged: {exc}")
     else:
+        code_ids = np.sort(np.asarray(index.ids))
         if index.n_bits != bits:
             errors.append(f"{fl['codes']} holds {index.n_bits}-bit codes, the manifest says {bits}")
         if len(index) != count:
             errors.append(f"{fl['codes']} holds {len(index)} codes, the manifest counts {count}")
-        elif not np.array_equal(np.sort(np.asarray(index.ids)), np.arange(count)):
-            errors.append(f"{fl['codes']}: ids are not 0..{count - 1}")
+        elif code_ids.size and (code_ids[0] < 0 or code_ids[-1] >= next_id(manifest)):
+            errors.append(f"{fl['codes']}: ids outside 0..{next_id(manifest) - 1}")
 
-    with contextlib.closing(sqlite3.connect(sqlite_uri(index_dir / fl["metadata"], read_only=True),
-                                            uri=True)) as db:
+    rows = []
+    meta = fl["metadata"]
+    header = sqlite_header_problem(index_dir / meta)
+    if header is not None:
+        if meta not in damaged:
+            errors.append(f"{meta} is damaged: {header}")
+    else:
         try:
-            meta_gen = db.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()
-            rows = db.execute("SELECT id, path, sha256 FROM images ORDER BY id").fetchall()
+            with contextlib.closing(sqlite3.connect(sqlite_uri(index_dir / meta, read_only=True), uri=True)) as db:
+                integrity = [r[0] for r in db.execute("PRAGMA integrity_check").fetchall()]
+                if integrity != ["ok"]:
+                    errors.append(f"{meta} is damaged: SQLite integrity_check: {'; '.join(integrity[:3])}")
+                meta_gen = db.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()
+                rows = db.execute("SELECT id, path, sha256 FROM images ORDER BY id").fetchall()
         except sqlite3.DatabaseError as exc:
-            errors.append(f"{fl['metadata']}: not a readable metadata database ({exc})")
-            return VerifyReport(errors, 0, count, generation)
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    if meta_gen is None or int(meta_gen[0]) != generation:
-        errors.append(f"{fl['metadata']} belongs to generation {meta_gen and meta_gen[0]}, the manifest is at "
-                      f"{generation}")
-    if ids.size != count:
-        errors.append(f"{fl['metadata']} holds {ids.size} images, the manifest counts {count}")
-    elif not np.array_equal(ids, np.arange(count)):
-        errors.append(f"{fl['metadata']}: ids are not 0..{count - 1}")
+            errors.append(f"{meta} is damaged: not a readable metadata database ({exc})")
+        else:
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            if meta_gen is None or str(meta_gen[0]) != str(generation):
+                errors.append(f"{meta} belongs to generation {meta_gen and meta_gen[0]}, the manifest is at "
+                              f"{generation}")
+            if ids.size != count:
+                errors.append(f"{meta} holds {ids.size} images, the manifest counts {count}")
+            elif code_ids is not None and code_ids.size == count and not np.array_equal(ids, code_ids):
+                errors.append(f"{meta} and {fl['codes']} hold different ids")
 
     if fl["features"] is not None:
         rows_total = 0
         for chunk in fl["features"]:
-            try:
-                arr = np.load(index_dir / chunk["file"], mmap_mode="r", allow_pickle=False)
-            except ValueError as exc:
-                errors.append(f"{chunk['file']}: unreadable ({exc})")
+            problem = feature_problem(index_dir, manifest, chunk)
+            if problem is not None:
+                if chunk["file"] not in damaged:
+                    errors.append(problem)
                 continue
-            expected = (chunk["rows"], manifest["model"]["feature_dim"])
-            if arr.dtype != np.float32 or arr.shape != expected:
-                errors.append(f"{chunk['file']}: expected float32 {expected}, found {arr.dtype} {arr.shape}")
-            rows_total += arr.shape[0]
-        if rows_total != count:
-            errors.append(f"feature chunks hold {rows_total} rows, the manifest counts {count}")
+            rows_total += int(chunk["rows"])
+        if rows_total != next_id(manifest) and not damaged & {c["file"] for c in fl["features"]}:
+            errors.append(f"feature chunks hold {rows_total} rows, the manifest has given out "
+                          f"{next_id(manifest)} ids")
 
     checked = 0
     if files != "none" and rows:
@@ -142,6 +198,9 @@ def verify_index(index_dir, *, model=None, files: str = "sample", sample_size: i
         for i in picks:
             image_id, path, digest = rows[int(i)]
             checked += 1
+            if not is_regular_file(path):  # hashing a FIFO would block forever
+                errors.append(f"image {image_id}: {path} cannot be read (missing, or not a regular file)")
+                continue
             try:
                 now = sha256_file(path)
             except OSError as exc:
@@ -149,4 +208,4 @@ def verify_index(index_dir, *, model=None, files: str = "sample", sample_size: i
                 continue
             if now != digest:
                 errors.append(f"image {image_id}: {path} changed since it was indexed (content hash differs)")
-    return VerifyReport(errors, checked, count, generation)
+    return VerifyReport(errors, checked, count, generation, notes)

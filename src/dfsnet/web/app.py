@@ -6,8 +6,16 @@ Endpoints: ``POST /api/search`` (multipart ``file`` + ``k`` + ``rerank``), ``GET
 
 Security: requests name indexed images by integer id only, so no request path or file name ever
 reaches the filesystem; uploads are capped in bytes before and while reading and in pixels before
-decoding; their type is decided by content. Model inference runs in FastAPI's thread pool (the
-endpoints are synchronous) and is serialised by the index's model lock.
+decoding, and a body that stalls is cut off; their type is decided by content. The Host header
+must name an allowed host (against DNS rebinding); every response carries ``nosniff``; requests
+past a concurrency limit get 503. Model inference runs in FastAPI's thread pool (the endpoints
+are synchronous) and is serialised by the index's model lock. Indexed files are read only when
+they are regular files, within a timeout.
+
+Integrity: a generation committed by another process is followed only when its files pass the
+load checks and its model, encoder and widths are those loaded; otherwise, and when a file of
+the served generation turns out damaged, the server keeps answering from what it has (503 for
+what it cannot) and ``/healthz`` reports ``"degraded"`` with the reason.
 """
 # No ``from __future__ import annotations``: FastAPI evaluates the endpoint annotations, and
 # ``max_k`` in them is a local of create_app.
@@ -20,21 +28,28 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from dfsnet import __version__
 from dfsnet._validation import check_positive_int
-from dfsnet.store import ImageIndex
-from dfsnet.web.thumbnails import ThumbnailCache, ThumbnailError
+from dfsnet.errors import InputError, UserError
+from dfsnet.store import ImageIndex, IndexDamagedError
+from dfsnet.web.middleware import ConcurrencyLimit, HeadAsGet, HostAllowList, NoSniff
+from dfsnet.web.thumbnails import ThumbnailCache, ThumbnailError, ThumbnailTimeout
 from dfsnet.web.uploads import MULTIPART_OVERHEAD, BodySizeLimit, decode_upload, read_upload
 
-__all__ = ["create_app", "DEFAULT_MAX_UPLOAD_BYTES"]
+__all__ = ["create_app", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_ALLOWED_HOSTS"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+# Names of this machine a local browser uses; `dfsnet serve` adds the address it binds.
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# After a generation was refused, wait this long before trying the disk again (its checks
+# hash the metadata, so retrying at every request would cost for nothing).
+_RETRY_AFTER_FAILURE = 30.0
 STATIC_DIR = Path(__file__).parent / "static"
 # The page loads nothing from elsewhere; query previews are blob: URLs.
 _PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -74,9 +89,10 @@ class Info(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description='"ok", or "degraded" when the index on disk could not be followed')
     count: int
-    generation: int
+    generation: int = Field(description="the generation served")
+    problem: str | None = Field(None, description="why the status is degraded")
 
 
 def _offline_docs_dir() -> Path | None:
@@ -90,33 +106,48 @@ def _offline_docs_dir() -> Path | None:
 
 
 class _Refresher:
-    """Follows generations committed by other processes (`dfsnet index add`) at most every ``interval`` s."""
+    """Follows generations committed by other processes (`dfsnet index add`) at most every ``interval`` s.
+
+    A generation that cannot be loaded, or was made with another model or widths, is refused:
+    the loaded one keeps being served and ``problem`` says why, until a later one loads.
+    """
 
     def __init__(self, index: ImageIndex, interval: float):
         self.index = index
         self.interval = interval
-        self._last = time.monotonic()
+        self.problem: str | None = None
+        self._next = time.monotonic() + interval
         self._lock = threading.Lock()
 
     def tick(self) -> None:
-        if self.interval <= 0 or time.monotonic() - self._last < self.interval:
+        if self.interval <= 0 or time.monotonic() < self._next:
             return
         if not self._lock.acquire(blocking=False):
             return
         try:
-            self._last = time.monotonic()
+            self._next = time.monotonic() + self.interval
             if self.index.refresh():
                 logger.info("serving generation %d (%d images)", self.index.manifest["generation"],
                             len(self.index))
-        except (OSError, ValueError, sqlite3.Error) as exc:
-            logger.warning("keeping the loaded index generation: %s", exc)
+            self.problem = None
+        except (UserError, OSError, sqlite3.Error) as exc:
+            self.damaged(exc)
+            self._next = time.monotonic() + max(self.interval, _RETRY_AFTER_FAILURE)
         finally:
             self._lock.release()
+
+    def damaged(self, exc: Exception) -> None:
+        message = f"serving generation {self.index.manifest['generation']}: {exc}"
+        if message != self.problem:
+            logger.warning("index degraded, %s", message)
+        self.problem = message
 
 
 def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_image_pixels: int | None = None,
                max_k: int = 100, thumbnail_size: int = 256, thumbnail_cache: int = 2048,
-               refresh_interval: float = 2.0) -> FastAPI:
+               refresh_interval: float = 2.0, allowed_hosts=DEFAULT_ALLOWED_HOSTS,
+               max_concurrent_requests: int = 64, body_timeout: float = 30.0,
+               read_timeout: float = 10.0) -> FastAPI:
     """The web application for one index.
 
     Parameters
@@ -135,10 +166,24 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         Longest side of thumbnails in pixels; thumbnails kept in memory.
     refresh_interval : float
         Seconds between checks for a generation committed by another process (0: never).
+    allowed_hosts : iterable of str
+        Host names (or addresses) the ``Host`` header may name, ports ignored; others get 400.
+        ``"*"`` allows any. Default: localhost, 127.0.0.1 and [::1].
+    max_concurrent_requests : int
+        Requests in flight before more get 503 (``/healthz`` is never refused).
+    body_timeout : float
+        Seconds a search request may pause while sending its body before it gets 408.
+    read_timeout : float
+        Seconds to wait for an indexed file to be read for its thumbnail (then 504).
 
     Returns
     -------
     fastapi.FastAPI
+
+    Raises
+    ------
+    InputError
+        A damaged or inconsistent index (as :class:`dfsnet.store.ImageIndex`), or a bad option.
     """
     from PIL import Image
 
@@ -148,9 +193,18 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
     if max_image_pixels is None:
         max_image_pixels = int(Image.MAX_IMAGE_PIXELS or 2**31)
     max_image_pixels = check_positive_int(max_image_pixels, name="max_image_pixels")
+    max_concurrent_requests = check_positive_int(max_concurrent_requests, name="max_concurrent_requests")
+    for name, value in (("body_timeout", body_timeout), ("read_timeout", read_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise InputError(f"{name}: expected a positive number of seconds, got {value!r}")
+    if isinstance(allowed_hosts, str):
+        allowed_hosts = [allowed_hosts]
+    allowed_hosts = [str(h) for h in allowed_hosts]
+    if not allowed_hosts:
+        raise InputError("allowed_hosts: expected at least one host name (or '*'), got none")
     thumbnails = ThumbnailCache(size=check_positive_int(thumbnail_size, name="thumbnail_size"),
                                 capacity=check_positive_int(thumbnail_cache, name="thumbnail_cache"),
-                                max_pixels=max_image_pixels)
+                                max_pixels=max_image_pixels, read_timeout=float(read_timeout))
     refresher = _Refresher(index, refresh_interval)
     docs_dir = _offline_docs_dir()
 
@@ -162,7 +216,18 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         redoc_url=None if docs_dir else "/redoc",
     )
     app.state.index = index
-    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD, paths=("/api/search",))
+    # Added innermost first: NoSniff wraps everything, so even the guards' refusals carry it.
+    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD, paths=("/api/search",),
+                       timeout=float(body_timeout))
+    app.add_middleware(ConcurrencyLimit, limit=max_concurrent_requests, exempt=("/healthz",))
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(HostAllowList, hosts=allowed_hosts)
+    app.add_middleware(NoSniff)
+
+    @app.exception_handler(IndexDamagedError)
+    def damaged(request: Request, exc: IndexDamagedError) -> JSONResponse:
+        refresher.damaged(exc)
+        return JSONResponse({"detail": f"the index is damaged: {exc}"}, status_code=503)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if docs_dir:
         _add_offline_docs(app, docs_dir)
@@ -172,9 +237,13 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
                             headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff"})
 
-    @app.get("/healthz", response_model=Health, summary="Liveness and index size")
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
+             summary="Liveness, index size, and whether the index on disk could be followed")
     def healthz() -> Health:
-        return Health(status="ok", count=len(index), generation=index.manifest["generation"])
+        refresher.tick()
+        problem = refresher.problem
+        return Health(status="degraded" if problem else "ok", count=len(index),
+                      generation=index.manifest["generation"], problem=problem)
 
     @app.get("/api/info", response_model=Info, summary="What the index holds")
     def info() -> Info:
@@ -213,7 +282,8 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
 
     @app.get("/api/images/{image_id}", summary="JPEG thumbnail of an indexed image",
              response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "unknown id or missing file"}})
+             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "unknown id or missing file"},
+                        504: {"description": "the indexed file could not be read in time"}})
     def image(image_id: int, request: Request) -> Response:
         refresher.tick()
         try:
@@ -226,6 +296,8 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
             return Response(status_code=304, headers=headers)
         try:
             jpeg = thumbnails.get(record)
+        except ThumbnailTimeout as exc:
+            raise HTTPException(504, str(exc)) from None
         except ThumbnailError as exc:
             raise HTTPException(404, str(exc)) from None
         return Response(jpeg, media_type="image/jpeg", headers=headers)

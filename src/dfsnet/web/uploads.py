@@ -2,29 +2,33 @@
 by content with pixel and shape limits, mapped to 400 / 413 responses."""
 from __future__ import annotations
 
-import json
+import asyncio
 
 from fastapi import HTTPException
 
 from dfsnet.images import ImageGeometryError, ImageTooLargeError, InvalidImageError, open_image
+from dfsnet.web.middleware import send_json
 
 # Room for the multipart envelope (boundaries, part headers, the ``k`` field) on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024
 
 
 class BodySizeLimit:
-    """ASGI middleware capping request bodies on ``paths`` at ``max_bytes``.
+    """ASGI middleware capping request bodies on ``paths`` at ``max_bytes``, and their pauses.
 
     A declared ``Content-Length`` above the cap is refused before any byte is read; a body
     without one (chunked) is read up to the cap and refused as soon as it passes it. Either
-    way the client gets a 413 with a JSON ``detail``. Accepted bodies are buffered (at most
-    ``max_bytes``) and replayed to the application.
+    way the client gets a 413 with a JSON ``detail``. A client that sends no part of the
+    body for ``timeout`` seconds gets a 408 (a request that promises a body and never sends
+    it would otherwise hold its connection, and a slot of the concurrency limit, forever).
+    Accepted bodies are buffered (at most ``max_bytes``) and replayed to the application.
     """
 
-    def __init__(self, app, *, max_bytes: int, paths: tuple[str, ...]):
+    def __init__(self, app, *, max_bytes: int, paths: tuple[str, ...], timeout: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
         self.paths = paths
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -34,7 +38,10 @@ class BodySizeLimit:
             return await self._refuse(send, declared)
         chunks, total = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                return await send_json(send, 408, f"request body: no data received for {self.timeout:g} s")
             if message["type"] == "http.disconnect":
                 return None
             body = message.get("body", b"")
@@ -57,12 +64,8 @@ class BodySizeLimit:
 
     async def _refuse(self, send, declared: int | None) -> None:
         size = f"{declared} bytes" if declared is not None else f"more than {self.max_bytes} bytes"
-        body = json.dumps({"detail": f"upload too large: {size}; the limit is {self.max_bytes} bytes "
-                                     "including the multipart envelope"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, f"upload too large: {size}; the limit is {self.max_bytes} bytes "
+                                   "including the multipart envelope")
 
 
 def _content_length(scope) -> int | None:
