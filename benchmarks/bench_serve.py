@@ -1,18 +1,23 @@
 """Benchmark: search latency (p50/p95) and queries/s of ``dfsnet serve`` under 16 concurrent clients.
 
-Server: the real ``dfsnet serve`` command (uvicorn) in a subprocess on 127.0.0.1; clients: 16
+Servers: the real ``dfsnet serve`` command (uvicorn) in subprocesses on 127.0.0.1. Clients: 16
 concurrent keep-alive connections of one asyncio httpx client in this process, each posting JPEG
 queries to ``POST /api/search`` (k=10) one at a time, in a bounded loop. Every query runs the
 whole path: upload, size and content checks, decoding, the model forward pass (EfficientNet-Lite0,
 offline ImageNet weights, untrained DFS head), encoding and the Hamming search.
 
-Baseline, measured in the same run: the same queries (same bytes, same k) through
-``ImageIndex.search`` in this process, from 16 threads as well. The ratio HTTP / in-process (in
-queries/s) is the cost of the web layer, including the clients' own CPU use on the same 2 cores.
-Measurements alternate (in-process, HTTP, ...) ``--repeats`` times and each side's best is
-reported, the one least disturbed by other load on a shared machine; all runs are in the JSON.
-Also reported: the Hamming search alone (``ImageIndex.search_features`` on precomputed features,
-one thread).
+Compared in the same run, on the same index and the same query bytes:
+
+- the baseline, the unbatched fp32 server: ``--max-batch 1 --precision fp32`` (one forward per
+  request, fp32 eager NCHW, as dfsnet served before batching);
+- the batched server as shipped: ``--max-batch 16 --precision auto`` (concurrent searches share
+  one forward in one worker thread; bf16 + channels_last where the CPU has AMX / AVX512-BF16).
+
+Both servers run at once (an idle one costs nothing) and measurements alternate between them
+``--repeats`` times; each side's best repeat is reported (the one least disturbed by other load
+on a shared machine), all runs are in the JSON. Ratios: batched / baseline queries/s, and
+baseline / batched p50 latency. Also reported: the Hamming search alone
+(``ImageIndex.search_features`` on precomputed features, one thread).
 
 Index sizes: 1k real images (CIFAR-10 test images when ../shared/datasets/cifar10 exists, else
 generated ones) and 100k: the 1k index extended with 99k synthetic codes of the same width (random
@@ -37,7 +42,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -89,44 +93,6 @@ def percentiles(latencies: list[float]) -> dict:
             "mean_ms": float(ms.mean())}
 
 
-def run_clients(n_clients: int, n_requests: int, one) -> dict:
-    """Call ``one(i, state)`` ``n_requests`` times from ``n_clients`` threads; latencies and throughput."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    counter = iter(range(n_requests))
-
-    def worker(state: dict) -> None:
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            t = time.perf_counter()
-            try:
-                one(i, state)
-            except Exception as exc:  # noqa: BLE001 - a benchmark reports failures, it does not stop
-                with lock:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - t)
-
-    states = [{} for _ in range(n_clients)]
-    threads = [threading.Thread(target=worker, args=(s,)) for s in states]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=1800)
-    wall = time.perf_counter() - started
-    for s in states:
-        if "client" in s:
-            s["client"].close()
-    return {"requests": n_requests, "ok": len(latencies), "errors": len(errors), "first_errors": errors[:3],
-            "seconds": wall, "queries_per_s": len(latencies) / wall, **percentiles(latencies)}
-
-
 def run_http_clients(url: str, n_clients: int, n_requests: int, payloads: list[bytes], k: int) -> dict:
     """``n_clients`` concurrent keep-alive connections posting ``n_requests`` searches in all.
 
@@ -165,14 +131,20 @@ def run_http_clients(url: str, n_clients: int, n_requests: int, payloads: list[b
     return asyncio.run(main())
 
 
-def start_server(index_dir: Path) -> tuple[subprocess.Popen, str]:
+SERVERS = {  # name -> extra `dfsnet serve` flags
+    "unbatched_fp32": ["--max-batch", "1", "--precision", "fp32"],
+    "batched_auto": ["--max-batch", "16", "--precision", "auto"],
+}
+
+
+def start_server(index_dir: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dfsnet.cli", "serve", str(index_dir), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "dfsnet.cli", "serve", str(index_dir), "--port", str(port),
+                             "--device", "cpu", *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -230,38 +202,38 @@ def main() -> None:
                 pipe.search_features(f, args.k)
                 search_only.append(time.perf_counter() - t)
 
-            def in_process(i: int, state: dict, pipe=pipe) -> None:
-                hits = pipe.search(queries[i % len(queries)], k=args.k)
-                assert len(hits) == args.k
-
-            proc, url = start_server(index_dir)
+            servers = {}
             try:
-                run_clients(args.clients, args.clients, in_process)  # warm-ups
-                run_http_clients(url, args.clients, args.clients, queries, args.k)
-                local_runs, http_runs = [], []
+                for name, flags in SERVERS.items():
+                    servers[name] = start_server(index_dir, flags)
+                for _, url in servers.values():  # warm-ups
+                    run_http_clients(url, args.clients, args.clients, queries, args.k)
+                runs: dict[str, list] = {name: [] for name in servers}
                 for _ in range(args.repeats):  # alternate, so load changes hit both sides alike
-                    local_runs.append(run_clients(args.clients, args.requests, in_process))
-                    http_runs.append(run_http_clients(url, args.clients, args.requests, queries, args.k))
+                    for name, (_, url) in servers.items():
+                        runs[name].append(run_http_clients(url, args.clients, args.requests, queries, args.k))
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                for proc, _ in servers.values():
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
             del pipe
             # Each side's best repeat: the least disturbed by other load on a shared machine.
-            local = max(local_runs, key=lambda r: r["queries_per_s"])
-            http = max(http_runs, key=lambda r: r["queries_per_s"])
-            row = {"size": size, "synthetic_codes": size - sizes[0], "http": http, "in_process": local,
-                   "http_runs": http_runs, "in_process_runs": local_runs,
+            best = {name: max(r, key=lambda x: x["queries_per_s"]) for name, r in runs.items()}
+            base, batched = best["unbatched_fp32"], best["batched_auto"]
+            row = {"size": size, "synthetic_codes": size - sizes[0], "servers": SERVERS, "best": best, "runs": runs,
                    "hamming_search_only": percentiles(search_only),
-                   "ratio_http_over_in_process_qps": http["queries_per_s"] / local["queries_per_s"]}
+                   "ratio_qps_batched_over_unbatched": batched["queries_per_s"] / base["queries_per_s"],
+                   "ratio_p50_unbatched_over_batched": base["p50_ms"] / batched["p50_ms"]}
             rows.append(row)
-            print(f"{size:>7} images: HTTP p50 {http['p50_ms']:.1f} ms, p95 {http['p95_ms']:.1f} ms, "
-                  f"{http['queries_per_s']:.1f} q/s ({sum(r['errors'] for r in http_runs)} errors) | in-process "
-                  f"p50 {local['p50_ms']:.1f} ms, p95 {local['p95_ms']:.1f} ms, {local['queries_per_s']:.1f} q/s | "
-                  f"ratio HTTP/in-process {row['ratio_http_over_in_process_qps']:.3f} | Hamming search alone "
-                  f"p50 {row['hamming_search_only']['p50_ms']:.2f} ms", flush=True)
+            print(f"{size:>7} images: unbatched fp32 p50 {base['p50_ms']:.1f} ms, p95 {base['p95_ms']:.1f} ms, "
+                  f"{base['queries_per_s']:.1f} q/s | batched auto p50 {batched['p50_ms']:.1f} ms, p95 "
+                  f"{batched['p95_ms']:.1f} ms, {batched['queries_per_s']:.1f} q/s | ratio q/s "
+                  f"{row['ratio_qps_batched_over_unbatched']:.2f}, p50 {row['ratio_p50_unbatched_over_batched']:.2f}"
+                  f" | Hamming search alone p50 {row['hamming_search_only']['p50_ms']:.2f} ms "
+                  f"({sum(r['errors'] for v in runs.values() for r in v)} errors)", flush=True)
 
         result = {
             "benchmark": "bench_serve",
@@ -278,13 +250,14 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg(),
+            "baseline": "dfsnet serve --max-batch 1 --precision fp32 (unbatched fp32), same run",
             "python": platform.python_version(),
             "torch": torch.__version__,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
-        if any(run["errors"] for r in rows for run in r["http_runs"] + r["in_process_runs"]):
+        if any(run["errors"] for r in rows for v in r["runs"].values() for run in v):
             print("some requests failed: see first_errors in the JSON", file=sys.stderr)
             sys.exit(1)
     finally:

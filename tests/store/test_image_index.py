@@ -153,7 +153,7 @@ def test_build_refuses_an_existing_index_and_bad_arguments(world, tmp_path):
     with pytest.raises(ValueError, match="no image files"):
         (tmp_path / "empty").mkdir()
         ImageIndex.build(world["ckpt"], tmp_path / "empty", tmp_path / "x", fit_on=world["images"])
-    with pytest.raises(ValueError, match="256 dimensions"):
+    with pytest.raises(ValueError, match="feature width 256, got 300"):
         ImageIndex.build(world["ckpt"], world["images"], tmp_path / "y", bits=300, fit_on=world["images"])
     with pytest.raises(FileNotFoundError):
         ImageIndex.build(tmp_path / "missing.safetensors", world["images"], tmp_path / "z", fit_on=world["images"])
@@ -329,3 +329,25 @@ def test_a_folder_with_hostile_images_indexes_the_good_ones_and_counts_the_rest(
     report = index.last_report
     assert (report.n_added, report.n_bad, len(index)) == (4, len(bad), 4)
     assert sorted(report.bad_paths) == bad
+
+
+def test_precision_is_recorded_and_an_index_is_searchable_in_the_other(world, tmp_path, monkeypatch):
+    from dfsnet import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    index = ImageIndex.build(world["ckpt"], world["images"], tmp_path / "bf16", bits=BITS, fit_on=world["images"],
+                             precision="auto", device="cpu")
+    assert index.manifest["precision"] == "bf16" and index.precision.name == "bf16"
+    fp32 = ImageIndex.load(tmp_path / "bf16", precision="fp32", device="cpu")
+    assert fp32.info()["precision"] == {"built": "bf16", "loaded": "fp32"}
+    queries = sorted(world["images"].rglob("*.jpg"))
+    codes = {p: (index.encoder.transform(index.embed([p])), fp32.encoder.transform(fp32.embed([p])))
+             for p in queries}
+    agree = np.mean([np.unpackbits(a ^ b).sum() == 0 for a, b in codes.values()])
+    assert agree >= 0.5  # tiny random-weight model; real figures in BENCHMARKS.md
+    for p in queries:  # each image is found again across precisions
+        assert str(p.resolve()) in [h.path for h in fp32.search(p, k=3)]
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    plain = ImageIndex.build(world["ckpt"], world["images"] / "class_0", tmp_path / "fp32", bits=BITS,
+                             fit_on=world["images"], device="cpu")
+    assert plain.manifest["precision"] == "fp32"

@@ -37,4 +37,5 @@ def add_loader_args(parser: argparse.ArgumentParser) -> None:
                         help="image-decoding worker processes (default: one per core for image files, "
                              "at most 8)")
     add_device_arg(parser)
+    add_precision_arg(parser)
     add_progress_arg(parser)

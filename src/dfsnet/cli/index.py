@@ -7,7 +7,7 @@ import json
 import sys
 import unicodedata
 
-from dfsnet.cli._common import add_device_arg, add_loader_args, progress_enabled
+from dfsnet.cli._common import add_device_arg, add_loader_args, add_precision_arg, progress_enabled
 from dfsnet.errors import UserError
 from dfsnet.store.verify import FILE_CHECKS
 
@@ -102,6 +102,7 @@ def register(subparsers) -> None:
                             help="refuse unless the index was built with this checkpoint")
         search.add_argument("--json", action="store_true", help="print JSON")
         add_device_arg(search)
+        add_precision_arg(search)
         search.set_defaults(func=_search)
 
 
@@ -157,8 +158,8 @@ def _build(args) -> int:
     pipe = ImageIndex.build(args.model, args.images, out, bits=args.bits, fit_on=args.fit_on,
                             selector=selector, hasher=args.hasher, store_features=args.store_features,
                             image_size=args.image_size, batch_size=args.batch_size,
-                            num_workers=args.num_workers, device=args.device, progress=progress_enabled(args),
-                            force=args.force)
+                            num_workers=args.num_workers, device=args.device, precision=args.precision,
+                            progress=progress_enabled(args), force=args.force)
     _print_report("indexed", pipe.last_report)
     print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes)")
     return 0
@@ -167,7 +168,7 @@ def _build(args) -> int:
 def _add(args) -> int:
     from dfsnet.store import ImageIndex
 
-    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device)
+    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision)
     images = _one_of(args, "images", "images_flag", "images")
     report = pipe.add(images, batch_size=args.batch_size, num_workers=args.num_workers,
                       progress=progress_enabled(args))
@@ -225,7 +226,7 @@ def _verify(args) -> int:
 def _search(args) -> int:
     from dfsnet.store import ImageIndex
 
-    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device)
+    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision)
     hits = pipe.search(args.image, k=args.k, rerank=args.rerank, rerank_factor=args.rerank_factor)
     if args.json:
         print(json.dumps({"query": args.image, "k": args.k, "rerank": args.rerank,

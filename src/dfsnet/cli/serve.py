@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import socket
 
+from dfsnet.cli._common import add_device_arg, add_precision_arg
+
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
@@ -20,9 +22,15 @@ def register(subparsers) -> None:
     serve.add_argument("--max-k", type=int, default=100, help="largest k a search may ask for (default: 100)")
     serve.add_argument("--max-concurrent", type=int, default=64, metavar="N",
                        help="requests in flight before more get 503 (default: %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=16, metavar="N",
+                       help="concurrent searches embedded in one forward pass; 1 = one forward per request "
+                            "(default: %(default)s)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+                       help="how long a search waits for others to share its forward (default: %(default)s)")
     serve.add_argument("--model", metavar="CKPT", default=None,
                        help="refuse unless the index was built with this checkpoint")
-    serve.add_argument("--device", default=None, help="torch device (default: cpu)")
+    add_device_arg(serve)
+    add_precision_arg(serve)
     serve.set_defaults(func=_serve)
 
 
@@ -61,15 +69,20 @@ def _serve(args) -> int:
         raise UserError(f"--port: expected 0..65535, got {args.port}")
     if args.max_concurrent < 1:
         raise UserError(f"--max-concurrent: expected a positive integer, got {args.max_concurrent}")
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch: expected a positive integer, got {args.max_batch}")
+    if not 0 <= args.batch_wait_ms <= 1000:
+        raise UserError(f"--batch-wait-ms: expected 0..1000 ms, got {args.batch_wait_ms}")
     # The port first: a busy one is refused before the index and model are loaded.
     sock = bind_socket(args.host, args.port)
     try:
-        index = ImageIndex.load(args.index_dir, model=args.model, device=args.device)
+        index = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision)
         hosts = [*DEFAULT_ALLOWED_HOSTS, *args.allowed_hosts]
         if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind has no one name to allow
             hosts.append(args.host)
         app = create_app(index, max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
-                         allowed_hosts=hosts, max_concurrent_requests=args.max_concurrent)
+                         allowed_hosts=hosts, max_concurrent_requests=args.max_concurrent,
+                         max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
         port = sock.getsockname()[1]
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serving {index.index_dir} ({len(index)} images) on http://{shown}:{port}/", flush=True)

@@ -24,11 +24,10 @@ from dfsnet.store.manifest import (
 )
 from dfsnet.store.metadata import ImageRecord, write_metadata
 
-__all__ = ["AddReport", "Builder", "scan_images", "write_generation", "display_path", "DEFAULT_BITS"]
+__all__ = ["AddReport", "Builder", "scan_images", "write_generation", "display_path"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BITS = 128
 
 
 @dataclasses.dataclass
@@ -151,11 +150,13 @@ class Builder:
     image_size : int
         Network input side.
     device : str or torch.device
+    precision : str
+        "fp32" or "bf16" (resolved, see :func:`dfsnet.precision.resolve_precision`).
     model_lock : threading.Lock, optional
         Serialises use of ``model`` with a reader that shares it.
     """
 
-    def __init__(self, index_dir: Path, model, image_size: int, device, *,
+    def __init__(self, index_dir: Path, model, image_size: int, device, *, precision: str = "fp32",
                  model_lock: threading.Lock | None = None):
         from dfsnet.data import build_transforms
 
@@ -163,15 +164,16 @@ class Builder:
         self.model = model
         self.model_lock = model_lock or threading.Lock()
         self.device = device
+        self.precision = precision
         self.transform = build_transforms(model.meta, train=False, image_size=image_size)
 
     @classmethod
-    def from_checkpoint(cls, index_dir: Path, image_size: int, device) -> Builder:
+    def from_checkpoint(cls, index_dir: Path, image_size: int, device, *, precision: str = "fp32") -> Builder:
         """A builder on the model copy in ``index_dir``."""
         from dfsnet.models import load_checkpoint
 
         model = load_checkpoint(index_dir / MODEL_FILE, map_location=device)[0]
-        return cls(index_dir, model, image_size, device)
+        return cls(index_dir, model, image_size, device, precision=precision)
 
     def extract(self, paths: list[str], *, batch_size: int, num_workers: int,
                 progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -182,35 +184,27 @@ class Builder:
         dataset = ImageList(paths, transform=self.transform)
         with self.model_lock:
             try:
-                # fp32, as ImageIndex.embed runs queries: an image must get the same code (and
-                # features) indexed and queried; bf16 batches differ from single images.
                 return extract_features_with_mask(self.model, dataset, batch_size=batch_size,
                                                   num_workers=num_workers, device=self.device,
-                                                  precision="fp32", progress=progress)
+                                                  precision=self.precision, progress=progress)
             except ValueError:
                 if dataset.n_skipped == len(dataset):  # every image unreadable
                     return np.zeros((len(paths), 0), dtype=np.float32), np.zeros(len(paths), dtype=bool)
                 raise
 
     def fit_encoder(self, fit_on, *, bits: int | None, selector: str | None, hasher: str, batch_size: int,
-                    num_workers: int, progress: bool):
-        """An encoder fitted on the features and labels of the labelled folder ``fit_on``."""
+                    num_workers: int | None, progress: bool):
+        """An encoder fitted on the features and labels of the labelled folder ``fit_on``, with the
+        training workflow's :func:`dfsnet.train.workflow.fit_encoder` (``dfsnet train``'s defaults)."""
         from dfsnet.data import ImageFolder
-        from dfsnet.hashing import make_encoder
+        from dfsnet.train.workflow import fit_encoder
 
-        # A threshold hasher without a selector makes one bit per feature: no bit count to give.
-        if selector is not None or hasher == "itq":
-            bits = bits or DEFAULT_BITS
-        encoder = make_encoder(selector=selector, hasher=hasher, n_bits=bits)
         folder = ImageFolder(fit_on)
         paths = [p for p, _ in folder.samples]
         features, ok = self.extract(paths, batch_size=batch_size, num_workers=num_workers, progress=progress)
         if ok.sum() < 2:
             raise InputError(f"fit_on: fewer than 2 readable images in {fit_on}")
-        if selector is not None and bits > features.shape[1]:
-            raise InputError(f"bits: {bits} bits select {bits} features, but the model's features have "
-                             f"{features.shape[1]} dimensions; choose bits <= {features.shape[1]}")
-        encoder.fit(features[ok], folder.targets[ok])
+        encoder = fit_encoder(features[ok], folder.targets[ok], selector=selector, hasher=hasher, n_bits=bits)
         logger.info("fitted a %d-bit %s/%s encoder on %d images of %s", encoder.n_bits_, selector, hasher,
                     int(ok.sum()), fit_on)
         return encoder

@@ -32,7 +32,8 @@ from dfsnet._io import atomic_write, sha256_file
 from dfsnet._validation import check_positive_int
 from dfsnet.errors import InputError, InputTypeError, NotFoundError
 from dfsnet.images import open_image
-from dfsnet.store.builder import DEFAULT_BITS, AddReport, Builder, scan_images
+from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
+from dfsnet.store.builder import AddReport, Builder, scan_images
 from dfsnet.store.files import check_on_load, npy_layout
 from dfsnet.store.lock import collect_garbage, write_lock
 from dfsnet.store.maintenance import (
@@ -200,6 +201,9 @@ class ImageIndex:
         The code length the caller expects; another one is refused.
     device : str or torch.device, optional
         ``None`` or ``"auto"``: CUDA when available, else the CPU.
+    precision : {"auto", "fp32", "bf16"}
+        The network's precision for queries and :meth:`add` (:func:`dfsnet.precision.resolve_precision`);
+        any index is searchable in either.
 
     Attributes
     ----------
@@ -219,7 +223,8 @@ class ImageIndex:
         Built with another checkpoint or bit width, or inconsistent files.
     """
 
-    def __init__(self, index_dir, *, model=None, bits: int | None = None, device=None):
+    def __init__(self, index_dir, *, model=None, bits: int | None = None, device=None,
+                 precision: str = DEFAULT_PRECISION):
         from dfsnet.data import build_transforms
         from dfsnet.features import resolve_device
         from dfsnet.hashing import Encoder
@@ -230,11 +235,13 @@ class ImageIndex:
         self._state = _Generation.load(self.index_dir)
         manifest = self._state.manifest
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         found = checkpoint_hash(self.index_dir / MODEL_FILE)
         if found != manifest["checkpoint"]["hash"]:
             raise InputError(f"index_dir: {MODEL_FILE} has hash {found}, but the index was built with checkpoint "
                              f"hash {manifest['checkpoint']['hash']}; the file was replaced or damaged")
-        self.model = load_checkpoint(self.index_dir / MODEL_FILE, map_location=self.device)[0]
+        self.model = self.precision.prepare_model(
+            load_checkpoint(self.index_dir / MODEL_FILE, map_location=self.device)[0].eval())
         if sha256_file(self.index_dir / ENCODER_FILE) != manifest["encoder"]["sha256"]:
             raise InputError(f"index_dir: {ENCODER_FILE} does not match the sha256 recorded in the manifest; "
                              "the file was replaced or damaged")
@@ -250,15 +257,17 @@ class ImageIndex:
     # construction
 
     @classmethod
-    def load(cls, index_dir, *, model=None, bits: int | None = None, device=None) -> ImageIndex:
+    def load(cls, index_dir, *, model=None, bits: int | None = None, device=None,
+             precision: str = DEFAULT_PRECISION) -> ImageIndex:
         """Open an index folder; see the class parameters."""
-        return cls(index_dir, model=model, bits=bits, device=device)
+        return cls(index_dir, model=model, bits=bits, device=device, precision=precision)
 
     @classmethod
     def build(cls, model_path, images_dir, out_dir, *, bits: int | None = None, fit_on=None,
               selector: str | None = "gain_ratio", hasher: str = "sample_mean",
               store_features: bool = False, image_size: int | None = None, batch_size: int = 64,
-              num_workers: int = 0, device=None, progress: bool = False, force: bool = False) -> ImageIndex:
+              num_workers: int | None = None, device=None, precision: str = DEFAULT_PRECISION,
+              progress: bool = False, force: bool = False) -> ImageIndex:
         """Index the images under ``images_dir`` into a new index folder ``out_dir``.
 
         Parameters
@@ -283,10 +292,16 @@ class ImageIndex:
         image_size : int, optional
             Network input size; default: the checkpoint's ``extra["image_size"]`` if it
             records one, else the backbone's native input size.
-        batch_size, num_workers : int
-            Feature-extraction DataLoader settings.
+        batch_size : int
+        num_workers : int, optional
+            Image-decoding workers; default: one per core (see
+            :func:`dfsnet.features.extract_features`).
         device : str or torch.device, optional
             ``None`` or ``"auto"``: CUDA when available, else the CPU.
+        precision : {"auto", "fp32", "bf16"}
+            The network's precision (:func:`dfsnet.precision.resolve_precision`), recorded in
+            the manifest. An index is searchable in either precision; the codes of an image
+            agree between them up to a few bits near the thresholds.
         progress : bool
             Show progress bars.
         force : bool
@@ -314,6 +329,7 @@ class ImageIndex:
 
         started = time.perf_counter()
         device = resolve_device(device)
+        prec = resolve_precision(precision, device)
         model_path = Path(model_path).expanduser().resolve()
         meta, extra = read_checkpoint_meta(model_path)
         if bits is not None:
@@ -326,11 +342,10 @@ class ImageIndex:
         if out_dir.exists() and not out_dir.is_dir():
             raise NotADirectoryError(f"out_dir: expected a folder, got the file {out_dir}")
         _refuse_remains(out_dir, force)
-        if fit_on is not None and (selector is not None or hasher == "itq"):
-            wanted = bits or DEFAULT_BITS
-            if wanted > meta.feature_dim:  # checked here, before minutes of feature extraction
-                raise InputError(f"bits: {wanted} bits select {wanted} features, but the model's features have "
-                                 f"{meta.feature_dim} dimensions; choose bits <= {meta.feature_dim}")
+        if fit_on is not None:  # the encoder settings are checked here, before minutes of extraction
+            from dfsnet.train.workflow import build_encoder
+
+            build_encoder(meta.feature_dim, selector=selector, hasher=hasher, n_bits=bits)
         files = scan_images(images_dir)
         if not files:
             raise InputError(f"images_dir: no image files found under {Path(images_dir).resolve()}")
@@ -358,12 +373,13 @@ class ImageIndex:
                 report = _write_first_generation(
                     model_path, meta, out_dir, files, encoder, bits=bits, fit_on=fit_on, selector=selector,
                     hasher=hasher, store_features=store_features, image_size=image_size, batch_size=batch_size,
-                    num_workers=num_workers, device=device, progress=progress, base_generation=base)
+                    num_workers=num_workers, device=device, precision=prec.name, progress=progress,
+                    base_generation=base)
             finally:
                 if not remains and not (out_dir / MANIFEST).exists():  # failed: leave no half-built index
                     for name in (MODEL_FILE, ENCODER_FILE):
                         (out_dir / name).unlink(missing_ok=True)
-        index = cls(out_dir, device=device)
+        index = cls(out_dir, device=device, precision=precision)
         index.last_report = dataclasses.replace(report, seconds=time.perf_counter() - started)
         logger.info("built %s: %d images, %d-bit codes, %d bad files skipped", out_dir, report.count,
                     index.n_bits, report.n_bad)
@@ -393,7 +409,7 @@ class ImageIndex:
     # ---------------------------------------------------------------------------------------
     # writing
 
-    def add(self, images_dir, *, model=None, batch_size: int = 64, num_workers: int = 0,
+    def add(self, images_dir, *, model=None, batch_size: int = 64, num_workers: int | None = None,
             progress: bool = False) -> AddReport:
         """Index the images under ``images_dir`` not indexed yet (by content hash).
 
@@ -422,7 +438,7 @@ class ImageIndex:
             self.refresh()
             collect_garbage(self.index_dir, self.manifest)
             builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
-                              model_lock=self._model_lock)
+                              precision=self.precision.name, model_lock=self._model_lock)
             report = builder.commit(dict(self.manifest), self._state.metadata.by_hash(), files, self.encoder,
                                     batch_size=batch_size, num_workers=num_workers, progress=progress)
             self.refresh()
@@ -491,8 +507,8 @@ class ImageIndex:
         tensors = [self.transform(open_image(im)) for im in images]
         if not tensors:
             raise InputError("images: expected at least one image, got none")
-        batch = torch.stack(tensors).to(self.device)
-        with self._model_lock, torch.inference_mode():
+        batch = self.precision.prepare_input(torch.stack(tensors).to(self.device))
+        with self._model_lock, torch.inference_mode(), self.precision.autocast():
             out = self.model.features(batch)
         return np.ascontiguousarray(out.float().cpu().numpy())
 
@@ -589,6 +605,7 @@ class ImageIndex:
             "count": state.count,
             "bits": m["bits"],
             "image_size": m["image_size"],
+            "precision": {"built": m.get("precision", "fp32"), "loaded": self.precision.name},
             "backbone": m["model"]["backbone"],
             "num_classes": m["model"]["num_classes"],
             "feature_dim": m["model"]["feature_dim"],
@@ -609,7 +626,7 @@ class ImageIndex:
 
 def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encoder, *, bits, fit_on, selector,
                             hasher, store_features, image_size, batch_size, num_workers, device,
-                            progress, base_generation: int = 0) -> AddReport:
+                            precision, progress, base_generation: int = 0) -> AddReport:
     """Copy the model, fit or copy the encoder and write the first generation of a new index
     (``base_generation + 1``: above every generation of an index it replaces)."""
     from dfsnet.models import checkpoint_hash
@@ -620,7 +637,7 @@ def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encode
     ckpt = checkpoint_hash(out_dir / MODEL_FILE)
     if ckpt != checkpoint_hash(model_path):
         raise RuntimeError(f"model_path: {model_path} changed while it was being copied")
-    builder = Builder.from_checkpoint(out_dir, image_size, device)
+    builder = Builder.from_checkpoint(out_dir, image_size, device, precision=precision)
     if encoder is None:
         encoder = builder.fit_encoder(fit_on, bits=bits, selector=selector, hasher=hasher, batch_size=batch_size,
                                       num_workers=num_workers, progress=progress)
@@ -636,6 +653,7 @@ def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encode
         "next_id": 0,
         "bits": int(encoder.n_bits_),
         "image_size": image_size,
+        "precision": precision,
         "checkpoint": {"hash": ckpt, "file": MODEL_FILE, "source": str(model_path)},
         "model": {"backbone": meta.name, "timm_name": meta.timm_name, "num_classes": meta.num_classes,
                   "class_names": list(meta.class_names) if meta.class_names else None,

@@ -19,6 +19,7 @@ what it cannot) and ``/healthz`` reports ``"degraded"`` with the reason.
 """
 # No ``from __future__ import annotations``: FastAPI evaluates the endpoint annotations, and
 # ``max_k`` in them is a local of create_app.
+import contextlib
 import logging
 import os
 import sqlite3
@@ -36,6 +37,7 @@ from dfsnet import __version__
 from dfsnet._validation import check_positive_int
 from dfsnet.errors import InputError, UserError
 from dfsnet.store import ImageIndex, IndexDamagedError
+from dfsnet.web.batcher import QueryBatcher
 from dfsnet.web.middleware import ConcurrencyLimit, HeadAsGet, HostAllowList, NoSniff
 from dfsnet.web.thumbnails import ThumbnailCache, ThumbnailError, ThumbnailTimeout
 from dfsnet.web.uploads import MULTIPART_OVERHEAD, BodySizeLimit, decode_upload, read_upload
@@ -147,7 +149,7 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
                max_k: int = 100, thumbnail_size: int = 256, thumbnail_cache: int = 2048,
                refresh_interval: float = 2.0, allowed_hosts=DEFAULT_ALLOWED_HOSTS,
                max_concurrent_requests: int = 64, body_timeout: float = 30.0,
-               read_timeout: float = 10.0) -> FastAPI:
+               read_timeout: float = 10.0, max_batch: int = 16, batch_wait: float = 0.005) -> FastAPI:
     """The web application for one index.
 
     Parameters
@@ -175,6 +177,11 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         Seconds a search request may pause while sending its body before it gets 408.
     read_timeout : float
         Seconds to wait for an indexed file to be read for its thumbnail (then 504).
+    max_batch, batch_wait : int, float
+        Concurrent searches are embedded together, up to ``max_batch`` images per forward,
+        waiting at most ``batch_wait`` seconds for company (:class:`dfsnet.web.batcher.QueryBatcher`);
+        ``max_batch=1`` runs one forward per request. Uploads are read and decoded in the
+        request threads, the network runs in the batcher's one thread.
 
     Returns
     -------
@@ -206,7 +213,13 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
                                 capacity=check_positive_int(thumbnail_cache, name="thumbnail_cache"),
                                 max_pixels=max_image_pixels, read_timeout=float(read_timeout))
     refresher = _Refresher(index, refresh_interval)
+    batcher = QueryBatcher(index, max_batch=max_batch, max_wait=batch_wait)
     docs_dir = _offline_docs_dir()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
 
     app = FastAPI(
         title="dfsnet image search",
@@ -214,6 +227,7 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         description="Content-based image retrieval over an index built with `dfsnet index build`.",
         docs_url=None if docs_dir else "/docs",
         redoc_url=None if docs_dir else "/redoc",
+        lifespan=lifespan,
     )
     app.state.index = index
     # Added innermost first: NoSniff wraps everything, so even the guards' refusals carry it.
@@ -272,7 +286,7 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         if rerank and not index.has_features:
             raise HTTPException(400, "rerank: this index stores no float features; rebuild it with "
                                      "--store-features to re-rank")
-        hits = index.search(image, k=k, rerank=rerank)
+        hits = batcher.submit(image, k=k, rerank=rerank).result()
         root = request.scope.get("root_path", "")
         return SearchResponse(
             k=k, rerank=rerank, count=len(index), bits=index.n_bits, seconds=time.perf_counter() - started,

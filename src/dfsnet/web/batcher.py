@@ -51,21 +51,31 @@ class QueryBatcher:
         self.max_wait = float(max_wait)
         self.batches = 0  # forwards run, for tests and logs
         self._queue: queue.Queue[_Query | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._run, name="dfsnet-query-batcher", daemon=True)
-        self._worker.start()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
 
     def submit(self, image, *, k: int = 10, rerank: bool = False) -> Future:
-        """Queue one decoded query image; the future's result is its list of SearchHit."""
-        if not self._worker.is_alive():
-            raise RuntimeError("QueryBatcher: closed")
+        """Queue one decoded query image; the future's result is its list of SearchHit.
+
+        The worker thread starts with the first query (again after :meth:`close`), so an app
+        served several times (a test client per test, say) keeps working.
+        """
         future: Future = Future()
-        self._queue.put(_Query(image, k, rerank, future))
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._run, name="dfsnet-query-batcher", daemon=True)
+                self._worker.start()
+            self._queue.put(_Query(image, k, rerank, future))
         return future
 
     def close(self, timeout: float = 10.0) -> None:
         """Answer what is queued, then stop the worker."""
-        self._queue.put(None)
-        self._worker.join(timeout)
+        with self._lock:
+            worker, self._worker = self._worker, None
+            if worker is None:
+                return
+            self._queue.put(None)
+        worker.join(timeout)
 
     def _collect(self, first: _Query) -> tuple[list[_Query], bool]:
         batch, deadline = [first], time.monotonic() + self.max_wait
