@@ -62,6 +62,9 @@ from dfsnet.store.manifest import (
 from dfsnet.store.metadata import INT64_MAX, INT64_MIN, ImageRecord, MetadataReader
 from dfsnet.store.verify import VerifyReport, verify_index
 
+# ITQ's PCA and rotation settle on a few tens of thousands of rows; more only costs time.
+DEFAULT_FIT_SAMPLE = 20_000
+
 __all__ = ["ImageIndex", "SearchHit"]
 
 logger = logging.getLogger(__name__)
@@ -228,11 +231,12 @@ class ImageIndex:
         from dfsnet.data import build_transforms
         from dfsnet.features import resolve_device
         from dfsnet.hashing import Encoder
-        from dfsnet.models import checkpoint_hash, load_checkpoint
+        from dfsnet.models import checkpoint_hash
+        from dfsnet.store.unsupervised import load_index_model
 
         self.index_dir = Path(index_dir).expanduser().resolve()
         check_compatible(self.index_dir, read_manifest(self.index_dir), model=model, bits=bits)
-        self._state = _Generation.load(self.index_dir)
+        self._state = self._open_state()
         manifest = self._state.manifest
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -241,7 +245,7 @@ class ImageIndex:
             raise InputError(f"index_dir: {MODEL_FILE} has hash {found}, but the index was built with checkpoint "
                              f"hash {manifest['checkpoint']['hash']}; the file was replaced or damaged")
         self.model = self.precision.prepare_model(
-            load_checkpoint(self.index_dir / MODEL_FILE, map_location=self.device)[0].eval())
+            load_index_model(self.index_dir / MODEL_FILE, map_location=self.device)[0].eval())
         if sha256_file(self.index_dir / ENCODER_FILE) != manifest["encoder"]["sha256"]:
             raise InputError(f"index_dir: {ENCODER_FILE} does not match the sha256 recorded in the manifest; "
                              "the file was replaced or damaged")
@@ -260,35 +264,63 @@ class ImageIndex:
     def load(cls, index_dir, *, model=None, bits: int | None = None, device=None,
              precision: str = DEFAULT_PRECISION) -> ImageIndex:
         """Open an index folder; see the class parameters."""
+        if read_manifest(index_dir).get("backend", {}).get("kind") == "milvus":
+            from dfsnet.store.milvus import MilvusIndex
+
+            cls = MilvusIndex
         return cls(index_dir, model=model, bits=bits, device=device, precision=precision)
 
+    def _open_state(self) -> _Generation:
+        """The committed state searches read: the local backend's newest generation."""
+        if read_manifest(self.index_dir).get("backend", {}).get("kind") == "milvus":
+            raise InputError(f"index_dir: {self.index_dir} keeps its codes in Milvus; open it with "
+                             "ImageIndex.load()")
+        return _Generation.load(self.index_dir)
+
     @classmethod
-    def build(cls, model_path, images_dir, out_dir, *, bits: int | None = None, fit_on=None,
-              selector: str | None = "gain_ratio", hasher: str = "sample_mean",
-              store_features: bool = False, image_size: int | None = None, batch_size: int = 64,
-              num_workers: int | None = None, device=None, precision: str = DEFAULT_PRECISION,
-              progress: bool = False, force: bool = False) -> ImageIndex:
-        """Index the images under ``images_dir`` into a new index folder ``out_dir``.
+    def build(cls, model_path=None, images_dir=None, out_dir=None, *, bits: int | None = None, fit_on=None,
+              selector: str | None = "gain_ratio", hasher: str = "sample_mean", backbone: str | None = None,
+              weights=None, fit_sample: int = DEFAULT_FIT_SAMPLE, store_features: bool = False,
+              image_size: int | None = None, batch_size: int = 64, num_workers: int | None = None, device=None,
+              precision: str = DEFAULT_PRECISION, progress: bool = False, force: bool = False) -> ImageIndex:
+        """Index the images of ``images_dir`` into a new index folder ``out_dir``.
+
+        With a ``model_path`` the codes come from a trained model (task-specific codes). Without
+        one the index needs no labels and no training: the features are a pretrained
+        backbone's pooled, L2-normalised features and the encoder is ITQ fitted on the
+        collection itself (on a sample of ``fit_sample`` images when it is larger), or the
+        ``fit_on`` encoder when a labelled folder is given.
 
         Parameters
         ----------
-        model_path : path-like
+        model_path : path-like, optional
             A checkpoint from :func:`dfsnet.models.save_checkpoint` (e.g. ``dfsnet train``'s).
         images_dir : path-like
-            Folder searched recursively for images. When images sit in sub-folders, the first
-            sub-folder's name is recorded as the label.
+            A folder searched recursively for images (when images sit in sub-folders, the first
+            sub-folder's name is recorded as the label), or a text file of image paths, one a
+            line (``PATH`` or ``PATH<TAB>LABEL``, relative to the file's folder).
         out_dir : path-like
             The index folder; must not hold an index already.
         bits : int, optional
-            Code length. Default: the saved encoder's, or 128 when fitting one. Must agree with
-            the saved encoder when one is used.
+            Code length. Default: the saved encoder's with a model, 128 with ``fit_on``, else
+            64 (fewer for a collection of fewer images; ITQ makes at most one bit per image).
+            Must agree with the saved encoder when one is used.
         fit_on : path-like, optional
             A labelled image folder (``ROOT/<class>/<image>``) to fit the selector and hasher on,
-            instead of the ``encoder.npz`` saved beside the checkpoint by ``dfsnet train``.
+            instead of the ``encoder.npz`` saved beside the checkpoint by ``dfsnet train`` (or,
+            without a model, instead of ITQ on the collection).
         selector, hasher : str
-            Encoder components when fitting (see :func:`dfsnet.hashing.make_encoder`).
+            Encoder components when fitting on ``fit_on`` (see :func:`dfsnet.hashing.make_encoder`).
+        backbone : str, optional
+            Without a model: the pretrained backbone (an alias or timm name; default
+            ``efficientnet_lite0``, whose ImageNet weights are packaged, offline).
+        weights : path-like, optional
+            Without a model: a local state dict for ``backbone`` instead of its pretrained weights.
+        fit_sample : int
+            Without a model and ``fit_on``: images ITQ is fitted on, drawn at random (seed 0).
         store_features : bool
-            Keep the float features (``4 * D`` bytes per image) for ``search(rerank=True)``.
+            Keep the float features (``4 * D`` bytes per image) for ``search(rerank=True)`` and
+            the cosine check of :func:`dfsnet.dedup.find_duplicates`.
         image_size : int, optional
             Network input size; default: the checkpoint's ``extra["image_size"]`` if it
             records one, else the backbone's native input size.
@@ -320,42 +352,63 @@ class ImageIndex:
         ------
         InputError
             ``out_dir`` holds an index or its remains (without ``force``), ``bits`` more
-            than the model's feature width when fitting a selector or ITQ, or no decodable
-            image under ``images_dir``.
+            than the model's feature width when fitting a selector or ITQ (or, for ITQ on the
+            collection, more than its images), ``backbone`` or ``weights`` with a model, or no
+            decodable image under ``images_dir``.
         """
         from dfsnet.features import resolve_device
         from dfsnet.hashing import Encoder
-        from dfsnet.models import read_checkpoint_meta
 
         started = time.perf_counter()
+        if images_dir is None or out_dir is None:
+            raise InputTypeError("images_dir, out_dir: both are required")
         device = resolve_device(device)
         prec = resolve_precision(precision, device)
-        model_path = Path(model_path).expanduser().resolve()
-        meta, extra = read_checkpoint_meta(model_path)
         if bits is not None:
             bits = check_positive_int(bits, name="bits")
-        if image_size is None:
-            image_size = extra.get("image_size")
-        image_size = check_positive_int(image_size if image_size is not None else meta.input_size[-1],
-                                        name="image_size")
+        fit_sample = check_positive_int(fit_sample, name="fit_sample")
         out_dir = Path(out_dir).expanduser().resolve()
         if out_dir.exists() and not out_dir.is_dir():
             raise NotADirectoryError(f"out_dir: expected a folder, got the file {out_dir}")
         _refuse_remains(out_dir, force)
+        files = scan_images(images_dir)
+        if not files:
+            raise InputError(f"images_dir: no image files found under {Path(images_dir).resolve()}")
+        if model_path is None:
+            from dfsnet.models import DEFAULT_BACKBONE
+            from dfsnet.store.unsupervised import pretrained_model
+
+            model = pretrained_model(backbone or DEFAULT_BACKBONE, weights)
+            meta = model.meta
+            image_size = check_positive_int(image_size or meta.input_size[-1], name="image_size")
+            if fit_on is None and bits is not None and bits > min(len(files), meta.feature_dim):
+                raise InputError(f"bits: ITQ fitted on the collection makes at most min(images, feature width) = "
+                                 f"min({len(files)}, {meta.feature_dim}) bits, {bits} were requested")
+        else:
+            from dfsnet.models import read_checkpoint_meta
+
+            if backbone is not None or weights is not None:
+                raise InputError("backbone: a trained model (model_path, --model) fixes the backbone; pass "
+                                 "backbone/weights (--backbone/--weights) only to index without a model")
+            model = None
+            model_path = Path(model_path).expanduser().resolve()
+            meta, extra = read_checkpoint_meta(model_path)
+            if image_size is None:
+                image_size = extra.get("image_size")
+            image_size = check_positive_int(image_size if image_size is not None else meta.input_size[-1],
+                                            name="image_size")
         if fit_on is not None:  # the encoder settings are checked here, before minutes of extraction
             from dfsnet.train.workflow import build_encoder
 
             build_encoder(meta.feature_dim, selector=selector, hasher=hasher, n_bits=bits)
-        files = scan_images(images_dir)
-        if not files:
-            raise InputError(f"images_dir: no image files found under {Path(images_dir).resolve()}")
         encoder = None
-        if fit_on is None:
+        if fit_on is None and model_path is not None:
             saved = model_path.parent / ENCODER_FILE
             if not saved.is_file():
                 raise FileNotFoundError(
                     f"fit_on: no {ENCODER_FILE} beside the checkpoint ({saved}); train with `dfsnet train`, "
-                    "which saves one, or pass fit_on (--fit-on) with a labelled image folder to fit one")
+                    "which saves one, pass fit_on (--fit-on) with a labelled image folder to fit one, or "
+                    "index without a model (ITQ on the collection itself)")
             encoder = Encoder.load(saved)
             if bits is not None and bits != encoder.n_bits_:
                 raise InputError(f"bits: the encoder saved with the checkpoint ({saved}) makes "
@@ -371,10 +424,10 @@ class ImageIndex:
             base = max([g for _, g in remains], default=0)
             try:
                 report = _write_first_generation(
-                    model_path, meta, out_dir, files, encoder, bits=bits, fit_on=fit_on, selector=selector,
-                    hasher=hasher, store_features=store_features, image_size=image_size, batch_size=batch_size,
-                    num_workers=num_workers, device=device, precision=prec.name, progress=progress,
-                    base_generation=base)
+                    model_path, model, meta, out_dir, files, encoder, bits=bits, fit_on=fit_on, selector=selector,
+                    hasher=hasher, fit_sample=fit_sample, store_features=store_features, image_size=image_size,
+                    batch_size=batch_size, num_workers=num_workers, device=device, precision=prec.name,
+                    progress=progress, base_generation=base)
             finally:
                 if not remains and not (out_dir / MANIFEST).exists():  # failed: leave no half-built index
                     for name in (MODEL_FILE, ENCODER_FILE):
@@ -624,24 +677,55 @@ class ImageIndex:
         return verify_index(self.index_dir, model=model, files=files, sample_size=sample_size, seed=seed)
 
 
-def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encoder, *, bits, fit_on, selector,
-                            hasher, store_features, image_size, batch_size, num_workers, device,
-                            precision, progress, base_generation: int = 0) -> AddReport:
-    """Copy the model, fit or copy the encoder and write the first generation of a new index
-    (``base_generation + 1``: above every generation of an index it replaces)."""
+def _write_first_generation(model_path: Path | None, model, meta, out_dir: Path, files, encoder, *, bits, fit_on,
+                            selector, hasher, fit_sample, store_features, image_size, batch_size, num_workers,
+                            device, precision, progress, base_generation: int = 0) -> AddReport:
+    """Copy the model (or save the pretrained backbone), fit or copy the encoder and write the first
+    generation of a new index (``base_generation + 1``: above every generation of an index it replaces)."""
     from dfsnet.models import checkpoint_hash
 
-    # The copy makes the index self-contained; its hash is checked on every load.
-    with atomic_write(out_dir / MODEL_FILE) as fh, open(model_path, "rb") as src:
-        shutil.copyfileobj(src, fh, 1 << 20)
-    ckpt = checkpoint_hash(out_dir / MODEL_FILE)
-    if ckpt != checkpoint_hash(model_path):
-        raise RuntimeError(f"model_path: {model_path} changed while it was being copied")
-    builder = Builder.from_checkpoint(out_dir, image_size, device, precision=precision)
-    if encoder is None:
+    if model_path is None:
+        from dfsnet.store.unsupervised import save_backbone
+
+        save_backbone(model, out_dir / MODEL_FILE)
+        builder = Builder(out_dir, model, image_size, device, precision=precision)
+        source = f"pretrained:{meta.weights}"
+    else:
+        # The copy makes the index self-contained; its hash is checked on every load.
+        with atomic_write(out_dir / MODEL_FILE) as fh, open(model_path, "rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+        if checkpoint_hash(out_dir / MODEL_FILE) != checkpoint_hash(model_path):
+            raise RuntimeError(f"model_path: {model_path} changed while it was being copied")
+        builder = Builder.from_checkpoint(out_dir, image_size, device, precision=precision)
+        source = str(model_path)
+    if encoder is None and fit_on is not None:
         encoder = builder.fit_encoder(fit_on, bits=bits, selector=selector, hasher=hasher, batch_size=batch_size,
                                       num_workers=num_workers, progress=progress)
+    plan = builder.plan({}, files, progress=progress)
+    features = builder.extract_plan(plan, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    if features is None or not len(features):
+        raise InputError(f"images_dir: none of the {len(files)} image files could be decoded; "
+                         "no index was written")
+    if encoder is None:  # no model, no labels: ITQ on the collection's own features
+        from dfsnet.store.unsupervised import DEFAULT_UNSUPERVISED_BITS, fit_unsupervised_encoder
+
+        if bits is None:
+            bits = min(DEFAULT_UNSUPERVISED_BITS, meta.feature_dim, len(features))
+            if bits < DEFAULT_UNSUPERVISED_BITS:
+                logger.warning("bits: %d-bit codes, because ITQ makes at most one bit per image and the "
+                               "collection has %d readable images", bits, len(features))
+        encoder = fit_unsupervised_encoder(features, n_bits=bits, sample=fit_sample)
+        encoder_source = "collection"
+    else:
+        encoder_source = "fit_on" if fit_on is not None else str(model_path.parent / ENCODER_FILE)
     encoder.save(out_dir / ENCODER_FILE)
+    kind = "backbone" if model_path is None else "dfsnet"
+    model_entry = {"kind": kind, "backbone": meta.name, "timm_name": meta.timm_name,
+                   "num_classes": getattr(meta, "num_classes", None),
+                   "class_names": list(meta.class_names) if getattr(meta, "class_names", None) else None,
+                   "feature_dim": meta.feature_dim, "dfs": bool(getattr(meta, "dfs", False))}
+    if kind == "backbone":
+        model_entry |= {"weights": meta.weights, "features": "pooled, L2-normalised"}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -654,13 +738,13 @@ def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encode
         "bits": int(encoder.n_bits_),
         "image_size": image_size,
         "precision": precision,
-        "checkpoint": {"hash": ckpt, "file": MODEL_FILE, "source": str(model_path)},
-        "model": {"backbone": meta.name, "timm_name": meta.timm_name, "num_classes": meta.num_classes,
-                  "class_names": list(meta.class_names) if meta.class_names else None,
-                  "feature_dim": meta.feature_dim, "dfs": meta.dfs},
+        "supervised": kind == "dfsnet" or fit_on is not None,
+        "checkpoint": {"hash": checkpoint_hash(out_dir / MODEL_FILE), "file": MODEL_FILE, "source": source},
+        "model": model_entry,
         "encoder": {"file": ENCODER_FILE, "sha256": sha256_file(out_dir / ENCODER_FILE),
-                    "source": "fit_on" if fit_on is not None else str(model_path.parent / ENCODER_FILE),
+                    "source": encoder_source,
                     "fit_on": str(Path(fit_on).resolve()) if fit_on is not None else None,
+                    "fit_images": min(len(features), fit_sample) if encoder_source == "collection" else None,
                     "params": encoder_params(encoder)},
         "store_features": bool(store_features),
         "files": {"codes": None, "metadata": None, "features": [] if store_features else None},
@@ -668,12 +752,7 @@ def _write_first_generation(model_path: Path, meta, out_dir: Path, files, encode
         "checksums": {},
     }
     # keep_previous=False: the files of an index this one replaces (build --force) go.
-    report = builder.commit(manifest, {}, files, encoder, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress, keep_previous=False)
-    if report.n_added == 0:
-        raise InputError(f"images_dir: none of the {len(files)} image files could be decoded; "
-                         "no index was written")
-    return report
+    return builder.finish(manifest, plan, features, encoder, keep_previous=False)
 
 
 def _refuse_remains(out_dir: Path, force: bool) -> list[tuple[str, int]]:
