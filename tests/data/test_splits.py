@@ -102,10 +102,32 @@ def test_counts_shrink_for_small_runs_and_too_small_classes_are_named():
     targets = np.repeat(np.arange(4), [30, 30, 30, 8])
     split = make_split("cifar10", targets, query_per_class=2, train_per_class=5)
     assert split.query.size == 8 and split.train.size == 20 and split.database.size == 98 - 28
-    with pytest.raises(ValueError, match=r"class 3 has 8 image\(s\).*2 query \+ 10 train"):
-        make_split("cifar10", targets, query_per_class=2, train_per_class=10)
-    with pytest.raises(ValueError, match="class 0 has 5000"):
-        make_split("cifar10", np.repeat(np.arange(2), 5000), train_per_class=5000)
+    # counts are caps: the class of 8 gives queries and train images in proportion (1 + 7)
+    split = make_split("cifar10", targets, query_per_class=2, train_per_class=10)
+    assert np.bincount(targets[split.query]).tolist() == [2, 2, 2, 1]
+    assert np.bincount(targets[split.train]).tolist() == [10, 10, 10, 7]
+    split = make_split("cifar10", np.repeat(np.arange(2), 5000), train_per_class=5000)
+    assert split.query.size == 2 * 98 and split.train.size == 2 * 4902
+
+
+def test_every_short_class_is_named_with_its_count_before_anything_else():
+    from dfsnet.data.splits import SplitError
+
+    targets = np.concatenate([np.repeat(0, 30), [1], np.repeat(2, 30), [4, 4]])
+    names = ["airplane", "bird", "cat", "deer", "frog"]
+    with pytest.raises(SplitError) as err:
+        make_split("per-class", targets, class_names=names, min_train_per_class=2)
+    message = str(err.value)
+    assert "'bird' (1)" in message and "'frog' (2)" in message and "2 of 4 classes" in message
+    assert "pool_targets" not in message and "class 1" not in message
+    assert "min_query_per_class" in message and err.value.short_classes == [("bird", 1), ("frog", 2)]
+    with pytest.raises(SplitError, match=r"'class 1' \(1\)"):  # no names: by label
+        make_split("cifar10", targets, query_per_class=2, train_per_class=5)
+    # the floors are options: 0 queries allowed for a one-image class
+    split = make_split("cifar10", targets, query_per_class=2, train_per_class=5, min_query_per_class=0)
+    assert 1 in targets[split.train] and 1 not in targets[split.query]
+    with pytest.raises(ValueError, match="min_train_per_class: expected an integer >= 0"):
+        make_split("cifar10", targets, min_train_per_class=-1)
 
 
 def test_bad_arguments_are_named():

@@ -60,6 +60,22 @@ def test_search_returns_hits_with_thumbnails(client, web_index):
     assert again.status_code == 304
 
 
+def test_search_by_an_indexed_image_and_browse(client, pipe):
+    body = client.get("/api/similar/4", params={"k": 3}).json()
+    assert body["query_id"] == 4 and body["hits"][0]["id"] == 4 and body["hits"][0]["distance"] == 0
+    assert [h["rank"] for h in body["hits"]] == [1, 2, 3] and body["hits"][0]["name"] == "000.jpg"
+    assert [h["id"] for h in body["hits"]] == [h.id for h in pipe.search(pipe.record(4).path, k=3)]
+    reranked = client.get("/api/similar/4", params={"k": 3, "rerank": "true"}).json()
+    assert reranked["hits"][0]["id"] == 4 and reranked["hits"][0]["score"] == pytest.approx(0, abs=1e-5)
+    assert client.get("/api/similar/999").status_code == 404
+    assert client.get("/api/similar/2", params={"k": 0}).status_code == 422
+    page = client.get("/api/images", params={"offset": 10, "limit": 5}).json()
+    assert page["count"] == 12 and [i["id"] for i in page["items"]] == [10, 11]
+    assert page["items"][0]["label"] == "class_2" and page["items"][0]["thumbnail_url"] == "/api/images/10"
+    assert client.get("/api/images", params={"offset": -1}).status_code == 422
+    assert client.get("/api/images", params={"limit": 21}).status_code == 422  # above max_k
+
+
 def test_rerank_over_http(client, web_index):
     query = web_index["images"] / "class_0" / "003.jpg"
     hits = _search(client, query.read_bytes(), k=4, rerank="true").json()["hits"]
@@ -227,3 +243,16 @@ def test_server_follows_an_index_add_by_another_process(web_index, tmp_path):
         time.sleep(0.05)
         assert c.get("/api/info").json()["count"] == 14
         assert c.get("/api/images/13").status_code == 200
+
+
+def test_an_index_built_without_labels_is_served(tmp_path):
+    from tests.store.test_unsupervised import distinct_images
+
+    images = distinct_images(tmp_path / "images", 6, seed=31)
+    index = ImageIndex.build(images_dir=images, out_dir=tmp_path / "index", bits=6, image_size=32, device="cpu")
+    with TestClient(create_app(index), base_url=LOCAL) as c:
+        info = c.get("/api/info").json()
+        assert info["supervised"] is False and info["num_classes"] is None and info["count"] == 6
+        hits = _search(c, (images / "003.jpg").read_bytes(), k=2).json()["hits"]
+        assert hits[0]["name"] == "003.jpg" and hits[0]["label"] is None
+        assert c.get("/api/similar/3", params={"k": 2}).json()["hits"][0]["id"] == 3

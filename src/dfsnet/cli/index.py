@@ -19,17 +19,29 @@ def register(subparsers) -> None:
     sub = index.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
 
     build = sub.add_parser("build", help="index a folder of images into a new index folder",
-                           description="Extract deep features of every image under --images, hash them "
-                                       "and store the codes, metadata and model in INDEX_DIR.")
+                           description="Extract deep features of every image of --images, hash them and store "
+                                       "the codes, metadata and model in INDEX_DIR. Without --model no labels or "
+                                       "training are needed: a pretrained backbone's pooled features and ITQ "
+                                       "fitted on the collection itself.")
     _add_index_dir(build, new=True)
-    build.add_argument("--model", required=True, metavar="CKPT", help="checkpoint from `dfsnet train`")
-    build.add_argument("--images", required=True, metavar="DIR",
-                       help="image folder (searched recursively; sub-folder names are recorded as labels)")
+    build.add_argument("--model", default=None, metavar="CKPT",
+                       help="checkpoint from `dfsnet train`, for task-specific codes (default: none, a "
+                            "pretrained backbone and an encoder fitted on the images themselves)")
+    build.add_argument("--images", required=True, metavar="DIR|LIST", help=IMAGES_HELP)
     build.add_argument("--bits", type=int, default=None,
-                       help="code length (default: the encoder saved with the checkpoint, or 128 with --fit-on)")
+                       help="code length (default: the encoder saved with the checkpoint, 128 with --fit-on, "
+                            "else 64)")
     build.add_argument("--fit-on", metavar="LABELLED_DIR", default=None,
                        help="fit the selector and hasher on this labelled folder (ROOT/<class>/<image>) "
-                            "instead of using encoder.npz beside the checkpoint")
+                            "instead of using encoder.npz beside the checkpoint (or ITQ on the images)")
+    build.add_argument("--backbone", default=None, metavar="NAME",
+                       help="without --model: the pretrained backbone, an alias or any timm name (default: "
+                            "efficientnet_lite0, whose ImageNet weights are packaged, offline)")
+    build.add_argument("--weights", default=None, metavar="PATH",
+                       help="without --model: a local state dict for --backbone instead of its pretrained weights")
+    build.add_argument("--fit-sample", type=int, default=20_000, metavar="N",
+                       help="without --model and --fit-on: images ITQ is fitted on, drawn at random when the "
+                            "collection is larger (default: %(default)s)")
     build.add_argument("--selector", choices=("gain_ratio", "random", "none"), default="gain_ratio",
                        help="feature selector fitted with --fit-on (default: %(default)s)")
     build.add_argument("--hasher", choices=("sample_mean", "feature_mean", "feature_median", "zero", "itq"),
@@ -47,7 +59,7 @@ def register(subparsers) -> None:
     add = sub.add_parser("add", help="add new images to an index (skips already indexed content, "
                                      "re-points moved files)")
     _add_index_dir(add)
-    add.add_argument("images", metavar="DIR", nargs="?", help="image folder (or --images DIR)")
+    add.add_argument("images", metavar="DIR|LIST", nargs="?", help=IMAGES_HELP + " (or --images)")
     add.add_argument("--images", dest="images_flag", metavar="DIR", help=argparse.SUPPRESS)
     add.add_argument("--model", metavar="CKPT", default=None,
                      help="refuse unless the index was built with this checkpoint")
@@ -89,10 +101,12 @@ def register(subparsers) -> None:
 
     # `dfsnet index search` and its short form `dfsnet search` are one command.
     for parent in (sub, subparsers):
-        search = parent.add_parser("search", help="search an index by image",
-                                   description="Print the indexed images nearest to IMAGE.")
+        search = parent.add_parser("search", help="search an index by image(s)",
+                                   description="Print the indexed images nearest to each IMAGE, in one process "
+                                               "(the index and model load once).")
         _add_index_dir(search)
-        search.add_argument("image", metavar="IMAGE")
+        search.add_argument("images", metavar="IMAGE", nargs="+",
+                            help="query image files, or folders (every image in them, recursively)")
         search.add_argument("-k", type=int, default=10, help="number of results (default: %(default)s)")
         search.add_argument("--rerank", action="store_true",
                             help="re-order a Hamming shortlist of k x m by Euclidean distance on stored features")
@@ -100,10 +114,18 @@ def register(subparsers) -> None:
                             help="shortlist factor m (default: %(default)s)")
         search.add_argument("--model", metavar="CKPT", default=None,
                             help="refuse unless the index was built with this checkpoint")
-        search.add_argument("--json", action="store_true", help="print JSON")
+        search.add_argument("--json", action="store_true",
+                            help="print JSON: one object per query (one per line when there are several)")
+        search.add_argument("--batch-size", type=int, default=16, metavar="N",
+                            help="queries per forward pass (default: %(default)s)")
         add_device_arg(search)
         add_precision_arg(search)
         search.set_defaults(func=_search)
+
+
+IMAGES_HELP = ("image folder (searched recursively; sub-folder names are recorded as labels), or a text file "
+               "of image paths, one a line (PATH or PATH<TAB>LABEL, relative to the file's folder), to index "
+               "a subset without copying")
 
 
 def _add_index_dir(parser: argparse.ArgumentParser, *, new: bool = False) -> None:
@@ -156,12 +178,14 @@ def _build(args) -> int:
     selector = None if args.selector == "none" else args.selector
     out = _one_of(args, "index_dir", "out", "index_dir")
     pipe = ImageIndex.build(args.model, args.images, out, bits=args.bits, fit_on=args.fit_on,
-                            selector=selector, hasher=args.hasher, store_features=args.store_features,
+                            selector=selector, hasher=args.hasher, backbone=args.backbone, weights=args.weights,
+                            fit_sample=args.fit_sample, store_features=args.store_features,
                             image_size=args.image_size, batch_size=args.batch_size,
                             num_workers=args.num_workers, device=args.device, precision=args.precision,
                             progress=progress_enabled(args), force=args.force)
     _print_report("indexed", pipe.last_report)
-    print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes)")
+    how = "" if args.model else f", {pipe.manifest['model']['backbone']} features, ITQ fitted on the images"
+    print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes{how if not args.fit_on else ''})")
     return 0
 
 
@@ -190,9 +214,13 @@ def _info(args) -> int:
         ("images", f"{info['count']} (generation {info['generation']}, updated {info['updated']})"),
         ("codes", f"{info['bits']} bits"),
         ("model", f"{info['backbone']}, {info['num_classes']} classes, {info['feature_dim']}-d features, "
-                  f"input {info['image_size']} px"),
+                  f"input {info['image_size']} px" if info["model_kind"] == "dfsnet" else
+                  f"{info['backbone']} pretrained ({info['weights']}), no training: pooled L2-normalised "
+                  f"{info['feature_dim']}-d features, input {info['image_size']} px"),
         ("checkpoint", f"{info['checkpoint']['source']} (hash {info['checkpoint']['hash']})"),
-        ("encoder", f"{info['encoder']['source']} {json.dumps(info['encoder']['params'])}"),
+        ("encoder", (f"fitted on {info['encoder']['fit_images']} of the indexed images, no labels"
+                     if info["encoder"]["source"] == "collection" else info["encoder"]["source"])
+                    + f" {json.dumps(info['encoder']['params'])}"),
         ("features", "stored (re-ranking available)" if info["has_features"] else "not stored"),
         ("labels", f"{len(labels)}: {shown}{' ...' if len(labels) > 12 else ''}"),
         ("skipped", f"{info['stats']['n_bad']} unreadable, {info['stats']['n_duplicates']} duplicates"),
@@ -224,23 +252,75 @@ def _verify(args) -> int:
 
 
 def _search(args) -> int:
+    from dfsnet._validation import check_positive_int
     from dfsnet.store import ImageIndex
 
+    check_positive_int(args.batch_size, name="batch_size")
+    queries = _expand_queries(args.images)
     pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision)
-    hits = pipe.search(args.image, k=args.k, rerank=args.rerank, rerank_factor=args.rerank_factor)
-    if args.json:
-        print(json.dumps({"query": args.image, "k": args.k, "rerank": args.rerank,
-                          "hits": [h.to_dict() for h in hits]}, indent=2))
-        return 0
-    header = ["rank", "hamming"] + (["euclid"] if args.rerank else []) + ["label", "path"]
-    rows = [[str(h.rank), str(h.distance)] + ([f"{h.score:.4f}"] if args.rerank else [])
+    several = len(queries) > 1
+    failed = shown = 0
+    for start in range(0, len(queries), args.batch_size):
+        for query, hits in _search_batch(pipe, queries[start:start + args.batch_size], args):
+            if isinstance(hits, Exception):
+                failed += 1
+                print(f"dfsnet {args.command}: error: {printable(str(hits))}", file=sys.stderr)
+                continue
+            if args.json:
+                payload = {"query": query, "k": args.k, "rerank": args.rerank, "hits": [h.to_dict() for h in hits]}
+                print(json.dumps(payload) if several else json.dumps(payload, indent=2), flush=several)
+                continue
+            if several:
+                print(f"{chr(10) if shown else ''}query: {printable(query)}")
+            shown += 1
+            _print_hits(hits, args.rerank)
+    return 2 if failed else 0
+
+
+def _expand_queries(images: list[str]) -> list[str]:
+    """The query files: each IMAGE as given, each folder's images (recursively, sorted)."""
+    from pathlib import Path
+
+    out = []
+    for image in images:
+        if Path(image).is_dir():
+            from dfsnet.data import iter_image_files  # torch and torchvision: only for a folder
+
+            found = [str(p) for p in iter_image_files(image)]
+            if not found:
+                raise UserError(f"IMAGE: no image files found under the folder {image}")
+            out += found
+        else:
+            out.append(image)
+    return out
+
+
+def _search_batch(pipe, queries: list[str], args):
+    """``(query, hits or the error)`` per query; one forward pass for the batch's readable images."""
+    from dfsnet.images import open_image
+
+    decoded, results = [], {}
+    for q in queries:
+        try:
+            decoded.append((q, open_image(q)))
+        except (UserError, OSError) as exc:
+            results[q] = exc
+    if decoded:
+        features = pipe.embed([im for _, im in decoded])
+        for (q, _), row in zip(decoded, features):
+            results[q] = pipe.search_features(row, args.k, rerank=args.rerank, rerank_factor=args.rerank_factor)
+    return [(q, results[q]) for q in queries]
+
+
+def _print_hits(hits, rerank: bool) -> None:
+    header = ["rank", "hamming"] + (["euclid"] if rerank else []) + ["label", "path"]
+    rows = [[str(h.rank), str(h.distance)] + ([f"{h.score:.4f}"] if rerank else [])
             + [printable(h.label) if h.label is not None else "-", printable(h.path)] for h in hits]
-    numeric = 3 if args.rerank else 2
+    numeric = 3 if rerank else 2
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [f"{c:>{w}}" if i < numeric else f"{c:<{w}}" for i, (c, w) in enumerate(zip(row, widths))]
         print("  ".join([*cells, row[-1]]))
-    return 0
 
 
 def _print_records(what: str, records) -> None:

@@ -16,7 +16,10 @@ from sklearn.exceptions import NotFittedError
 from dfsnet import __version__
 from dfsnet.errors import UserError
 
-COMMAND_MODULES = ("train", "experiment", "index", "serve")
+COMMAND_MODULES = ("train", "experiment", "index", "serve", "dedup")
+# Commands that run Lightning, whose logging is tamed before they start (see _quiet_lightning).
+LIGHTNING_COMMANDS = ("train", "experiment", "demo")
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
 
 logger = logging.getLogger("dfsnet.cli")
 
@@ -42,6 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropAdverts(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litmodels/litlogger" lines, which are adverts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def _quiet_lightning(verbose: int) -> None:
+    """One copy of each Lightning log line, in the CLI's format, at WARNING unless ``-v``, no adverts.
+
+    ``import lightning`` attaches its own stderr handler to the "lightning" logger while also
+    propagating to the root, so every line came out twice (bare and timestamped); it also sets
+    INFO on its loggers, bypassing the CLI's levels. Importing it here (the command imports it
+    anyway) lets the dispatcher undo both before the command runs.
+    """
+    import lightning  # noqa: F401  (for its import-time handlers)
+
+    for name in _LIGHTNING_LOGGERS:
+        log = logging.getLogger(name)
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
+        log.propagate = True
+        log.setLevel(logging.NOTSET if verbose else logging.WARNING)
+    for handler in logging.getLogger().handlers:  # a logger's filter misses its children's records
+        handler.addFilter(_DropAdverts())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``dfsnet`` command; returns its exit code (2 for a user error)."""
     parser = build_parser()
@@ -54,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("dfsnet").setLevel(logging.DEBUG if args.verbose >= 2 else logging.INFO)
+    if args.command in LIGHTNING_COMMANDS:
+        _quiet_lightning(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

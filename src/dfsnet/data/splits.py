@@ -15,9 +15,9 @@ Protocols (per-class draws are seeded; class order and draws are deterministic):
     ``train`` = the whole train source (``pool_sources == 0``), which is also the ``database``;
     ``query`` = the whole test source. Needs ``pool_sources``.
 ``cifar10`` (DeepHash-pytorch)
-    From the whole pool, per class: ``query_per_class`` (100) queries, ``train_per_class`` (500)
-    train images, the rest database. On CIFAR-10: 1,000 / 5,000 / 54,000. Train, query and
-    database are disjoint.
+    From the whole pool, per class: up to ``query_per_class`` (100) queries, up to
+    ``train_per_class`` (500) train images, the rest database. On CIFAR-10: 1,000 / 5,000 /
+    54,000. Train, query and database are disjoint.
 ``cifar10-1``
     Queries and train as ``cifar10``; database = everything but the queries (59,000 on
     CIFAR-10, so it includes the train images).
@@ -28,6 +28,13 @@ Protocols (per-class draws are seeded; class order and draws are deterministic):
     when ``database_includes_train`` (default True, as in ``paper``).
 
 Queries never enter ``train`` or ``database``.
+
+Per-class counts are caps ("up to N"): a class with fewer images than its queries and train
+images together gives both in proportion to the request, keeping at least
+``min_query_per_class`` queries and ``min_train_per_class`` train images (the floors, 1 and 1
+by default). A class below the floors is a :class:`SplitError` that names every such class,
+by name when ``class_names`` are given, with its image count. :func:`make_split` reads only the
+labels, so it can run (and fail) before any model is loaded.
 """
 from __future__ import annotations
 
@@ -43,19 +50,33 @@ from dfsnet._io import atomic_write_text
 from dfsnet._validation import check_choice, check_labels
 from dfsnet.errors import InputError, InputTypeError
 
-__all__ = ["PROTOCOLS", "Split", "labels_fingerprint", "make_split", "stratified_holdout"]
+__all__ = ["PROTOCOLS", "Split", "SplitError", "labels_fingerprint", "make_split", "stratified_holdout"]
 
 PROTOCOLS = ("paper", "cifar10", "cifar10-1", "per-class")
 PARTS = ("train", "val", "query", "database")
 _FORMAT = "dfsnet.split"
 _VERSION = 1
+_FLOORS = {"min_query_per_class": 1, "min_train_per_class": 1}
 _PROTOCOL_KW = {
     "paper": {},
-    "cifar10": {"query_per_class": 100, "train_per_class": 500},
-    "cifar10-1": {"query_per_class": 100, "train_per_class": 500},
+    "cifar10": {"query_per_class": 100, "train_per_class": 500, **_FLOORS},
+    "cifar10-1": {"query_per_class": 100, "train_per_class": 500, **_FLOORS},
     "per-class": {"query_per_class": None, "train_per_class": None, "query_fraction": None,
-                  "train_fraction": None, "database_includes_train": True},
+                  "train_fraction": None, "database_includes_train": True, **_FLOORS},
 }
+
+
+class SplitError(InputError):
+    """A split that cannot be drawn from the pool's labels (e.g. classes with too few images).
+
+    Raised by :func:`make_split` from the labels alone: callers make the split before loading
+    any model so that this fails in milliseconds. ``short_classes`` lists ``(name, count)`` of
+    every class below the floors.
+    """
+
+    def __init__(self, message: str, short_classes: list[tuple[str, int]] = ()):
+        super().__init__(message)
+        self.short_classes = list(short_classes)
 
 
 def labels_fingerprint(targets) -> str:
@@ -263,8 +284,23 @@ def _count_rule(params: dict, part: str):
     return lambda n: max(1, _round_half_up(fraction * n))
 
 
+def _class_name(label: int, class_names) -> str:
+    if class_names is not None and 0 <= int(label) < len(class_names):
+        return str(class_names[int(label)])
+    return f"class {int(label)}"
+
+
+def _capped(nq: int, nt: int, n: int, min_q: int, min_t: int) -> tuple[int, int]:
+    """Query and train counts of a class of ``n`` images asked for ``nq`` and ``nt`` ("up to"):
+    both as asked when they fit, else in proportion to the request, at least the floors."""
+    if nq + nt <= n:
+        return nq, nt
+    q = min(max(min_q, math.floor(n * nq / (nq + nt))), n - min_t)
+    return q, min(nt, n - q)
+
+
 def make_split(protocol: str, pool_targets, *, pool_sources=None, seed: int = 0, val_fraction: float = 0.1,
-               pool_fingerprint: str | None = None, **kw) -> Split:
+               pool_fingerprint: str | None = None, class_names=None, **kw) -> Split:
     """Draw a seeded split of a pool by ``protocol`` (see the module docstring).
 
     Parameters
@@ -283,16 +319,22 @@ def make_split(protocol: str, pool_targets, *, pool_sources=None, seed: int = 0,
     pool_fingerprint : str, optional
         The pool's ``fingerprint()``, recorded so that the split refuses other pools; default:
         a hash of ``pool_targets``.
+    class_names : sequence of str, optional
+        Name of each label (``pool.classes``), used in error messages.
     **kw
-        ``cifar10``, ``cifar10-1``: ``query_per_class`` (100), ``train_per_class`` (500).
-        ``per-class``: ``query_per_class`` or ``query_fraction`` (0.1), ``train_per_class`` or
-        ``train_fraction`` (0.5), ``database_includes_train`` (True).
+        ``cifar10``, ``cifar10-1``: ``query_per_class`` (up to 100), ``train_per_class`` (up to
+        500). ``per-class``: ``query_per_class`` (up to) or ``query_fraction`` (0.1),
+        ``train_per_class`` (up to) or ``train_fraction`` (0.5), ``database_includes_train``
+        (True). All but ``paper``: the floors ``min_query_per_class`` and ``min_train_per_class``
+        (1 each).
 
     Raises
     ------
-    ValueError
-        Unknown protocol, a class with fewer images than the protocol draws, ``paper`` without a
+    SplitError
+        Classes below the floors (all of them named, with their counts), ``paper`` without a
         test source.
+    ValueError
+        Unknown protocol, invalid counts or fractions.
     TypeError
         A keyword the protocol does not take.
     """
@@ -336,14 +378,28 @@ def make_split(protocol: str, pool_targets, *, pool_sources=None, seed: int = 0,
                 if params[f"{part}_per_class"] is None and params[f"{part}_fraction"] is None:
                     params[f"{part}_fraction"] = default
         query_count, train_count = _count_rule(params, "query"), _count_rule(params, "train")
+        floors = {}
+        for key in _FLOORS:
+            value = params[key]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise InputError(f"{key}: expected an integer >= 0, got {value!r}")
+            floors[key] = params[key] = int(value)
+        min_q, min_t = floors["min_query_per_class"], floors["min_train_per_class"]
+        classes = np.unique(targets)
+        counts = np.bincount(targets)[classes]
+        short = [(_class_name(c, class_names), int(size)) for c, size in zip(classes, counts)
+                 if size < min_q + min_t]
+        if short:
+            listed = ", ".join(f"{name!r} ({n})" for name, n in short)
+            raise SplitError(
+                f"split: {len(short)} of {classes.size} classes have fewer than {min_q + min_t} images "
+                f"({min_q} query + {min_t} train, the floors min_query_per_class and min_train_per_class), "
+                f"so protocol {protocol!r} cannot draw them: {listed}; add images, drop those classes, or "
+                "lower the floors", short)
         queries, trains = [], []
-        for c in np.unique(targets):
+        for c, size in zip(classes, counts):
             members = rng.permutation(np.flatnonzero(targets == c))
-            nq, nt = query_count(members.size), train_count(members.size)
-            if nq + nt > members.size:
-                raise InputError(
-                    f"pool_targets: class {int(c)} has {members.size} image(s), but protocol {protocol!r} draws "
-                    f"{nq} query + {nt} train per class; lower query_per_class/train_per_class")
+            nq, nt = _capped(query_count(int(size)), train_count(int(size)), int(size), min_q, min_t)
             queries.append(members[:nq])
             trains.append(members[nq:nq + nt])
         query = np.sort(np.concatenate(queries)).astype(np.int64)

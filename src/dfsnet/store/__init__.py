@@ -7,6 +7,8 @@
 - :mod:`~dfsnet.store.builder`: extract, encode, commit a generation.
 - :mod:`~dfsnet.store.maintenance`: remove, prune and repair.
 - :mod:`~dfsnet.store.verify`: full checks of an index on disk.
+- :mod:`~dfsnet.store.unsupervised`: indexing without labels (a pretrained backbone, ITQ on the
+  collection) and the backbone checkpoint an index then holds.
 - :mod:`~dfsnet.store.image_index`: the :class:`ImageIndex` facade.
 """
 from dfsnet.store.builder import AddReport

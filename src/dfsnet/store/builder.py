@@ -24,7 +24,8 @@ from dfsnet.store.manifest import (
 )
 from dfsnet.store.metadata import ImageRecord, write_metadata
 
-__all__ = ["AddReport", "Builder", "scan_images", "write_generation", "display_path"]
+__all__ = ["AddReport", "Builder", "scan_images", "write_generation", "display_path", "Plan", "plan_files",
+           "read_paths_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,21 @@ def display_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def scan_images(images_dir) -> list[tuple[str, str | None]]:
-    """``(absolute path, label)`` of the image files under ``images_dir``, sorted.
+def scan_images(images) -> list[tuple[str, str | None]]:
+    """``(absolute path, label)`` of the image files of a folder or a paths file, sorted.
 
-    The label is the name of the first sub-folder below ``images_dir`` (the class-per-folder
-    convention); files directly in ``images_dir`` have none.
+    Parameters
+    ----------
+    images : path-like
+        A folder, searched recursively: the label is the name of the first sub-folder below
+        it (the class-per-folder convention); files directly in it have none. Or a text file
+        of paths (:func:`read_paths_file`), so that a subset indexes without copying.
     """
     from dfsnet.data import iter_image_files
 
-    root = Path(images_dir).expanduser().resolve()
+    root = Path(images).expanduser().resolve()
+    if root.is_file():
+        return read_paths_file(root)
     out = []
     for path in iter_image_files(root):
         rel = path.relative_to(root).parts
@@ -89,9 +96,41 @@ def scan_images(images_dir) -> list[tuple[str, str | None]]:
     return out
 
 
+def read_paths_file(path) -> list[tuple[str, str | None]]:
+    """``(absolute path, label)`` from a text file with one image path per line, sorted, each once.
+
+    A line is ``PATH`` or ``PATH<TAB>LABEL``; relative paths are relative to the file's folder;
+    blank lines and lines starting with ``#`` are ignored. Entries are not checked here: a
+    missing or unreadable file is skipped and counted when indexed, like a bad file in a folder.
+
+    Raises
+    ------
+    InputError
+        The file is not UTF-8 text (e.g. an image given by mistake) or lists no path.
+    """
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"images: {path} is neither a folder nor a UTF-8 text file of image paths") from None
+    if "\x00" in text:
+        raise InputError(f"images: {path} is neither a folder nor a text file of image paths (it holds NUL bytes)")
+    out: dict[str, str | None] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, label = line.rstrip("\r").partition("\t")
+        full = os.path.abspath(path.parent / Path(name.strip()).expanduser())
+        out.setdefault(full, label.strip() or None)
+    if not out:
+        raise InputError(f"images: the paths file {path} lists no image path")
+    return sorted(out.items())
+
+
 def write_generation(index_dir: Path, manifest: dict, *, codes=None, rows: list[tuple] = (),
                      moved: list[tuple] = (), removed: list[int] = (), features: np.ndarray | None = None,
-                     stats: dict | None = None, keep_previous: bool = True) -> dict:
+                     stats: dict | None = None, keep_previous: bool = True,
+                     duplicates: list[tuple[str, str]] = ()) -> dict:
     """Write and commit generation ``manifest["generation"] + 1``; returns its manifest. Call under the lock.
 
     Parameters
@@ -101,7 +140,7 @@ def write_generation(index_dir: Path, manifest: dict, *, codes=None, rows: list[
         The manifest of the generation to change.
     codes : dfsnet.index.HammingIndex, optional
         The new generation's codes; ``None`` keeps the current codes file.
-    rows, moved, removed
+    rows, moved, removed, duplicates
         Metadata changes, as for :func:`dfsnet.store.metadata.write_metadata`; ``rows`` get
         ids from ``next_id`` on (the caller's codes must use the same).
     features : ndarray of float32, shape (len(rows), D), optional
@@ -127,7 +166,8 @@ def write_generation(index_dir: Path, manifest: dict, *, codes=None, rows: list[
         checksums[chunk] = file_checksum(index_dir / chunk)
     files["metadata"] = generation_file("metadata", generation)
     src = index_dir / previous["metadata"] if previous["metadata"] is not None else None
-    write_metadata(src, index_dir / files["metadata"], list(rows), generation, moved=moved, removed=removed)
+    write_metadata(src, index_dir / files["metadata"], list(rows), generation, moved=moved, removed=removed,
+                   duplicates=duplicates)
     checksums[files["metadata"]] = file_checksum(index_dir / files["metadata"])
     new = {**manifest, "generation": generation, "count": int(manifest["count"]) + len(rows) - len(removed),
            "next_id": next_id(manifest) + len(rows), "updated": now(), "files": files,
@@ -170,9 +210,9 @@ class Builder:
     @classmethod
     def from_checkpoint(cls, index_dir: Path, image_size: int, device, *, precision: str = "fp32") -> Builder:
         """A builder on the model copy in ``index_dir``."""
-        from dfsnet.models import load_checkpoint
+        from dfsnet.store.unsupervised import load_index_model
 
-        model = load_checkpoint(index_dir / MODEL_FILE, map_location=device)[0]
+        model = load_index_model(index_dir / MODEL_FILE, map_location=device)[0]
         return cls(index_dir, model, image_size, device, precision=precision)
 
     def extract(self, paths: list[str], *, batch_size: int, num_workers: int,
@@ -210,7 +250,8 @@ class Builder:
         return encoder
 
     def commit(self, manifest: dict, known: dict[str, ImageRecord], files: list[tuple[str, str | None]], encoder,
-               *, batch_size: int, num_workers: int, progress: bool, keep_previous: bool = True) -> AddReport:
+               *, batch_size: int, num_workers: int, progress: bool, keep_previous: bool = True,
+               recorded_duplicates: frozenset[str] = frozenset()) -> AddReport:
         """Index the new ones among ``files`` as generation ``manifest["generation"] + 1``.
 
         Parameters
@@ -226,58 +267,43 @@ class Builder:
         encoder : dfsnet.hashing.Encoder
         keep_previous : bool
             As for :func:`write_generation`.
+        recorded_duplicates : frozenset of str
+            Paths the metadata already records as exact duplicates.
 
-        Writes nothing when no file is new or moved. Call under the write lock.
+        Writes nothing when no file is new, moved or a newly found duplicate. Call under the write lock.
         """
-        from tqdm.auto import tqdm
+        plan = self.plan(known, files, progress=progress, recorded_duplicates=recorded_duplicates)
+        features = self.extract_plan(plan, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        return self.finish(manifest, plan, features, encoder, keep_previous=keep_previous)
 
+    def plan(self, known: dict[str, ImageRecord], files: list[tuple[str, str | None]], *,
+             progress: bool, recorded_duplicates: frozenset[str] = frozenset()) -> Plan:
+        """:func:`plan_files`, the first step of :meth:`commit`."""
+        return plan_files(known, files, progress=progress, recorded_duplicates=recorded_duplicates)
+
+    def extract_plan(self, plan: Plan, *, batch_size: int, num_workers: int, progress: bool) -> np.ndarray | None:
+        """float32 (n_added, D) features of the plan's new images; drops the unreadable ones from it."""
+        if not plan.candidates:
+            return None
+        logger.info("extracting features of %d new images", len(plan.candidates))
+        features, ok = self.extract([c[0] for c in plan.candidates], batch_size=batch_size,
+                                    num_workers=num_workers, progress=progress)
+        plan.bad_paths += [plan.candidates[j][0] for j in np.flatnonzero(~ok)]
+        plan.candidates = [c for c, good in zip(plan.candidates, ok) if good]
+        return features[ok]
+
+    def finish(self, manifest: dict, plan: Plan, features: np.ndarray | None, encoder, *,
+               keep_previous: bool = True) -> AddReport:
+        """Encode the plan's new images and commit the generation (the last step of :meth:`commit`)."""
         from dfsnet.index import HammingIndex
 
-        known = dict(known)
-        candidates: list[tuple[str, str | None, str, int, float]] = []
-        moved: list[tuple] = []
-        bad_paths: list[str] = []
-        n_dup = 0
-        for path, label in tqdm(files, desc="hash", unit="file", disable=not progress):
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:
-                logger.warning("skipping %s: its name is not valid UTF-8", display_path(path))
-                bad_paths.append(display_path(path))
-                continue
-            if not is_regular_file(path):  # a FIFO or device would block the hashing forever
-                logger.warning("skipping %s: not a regular file", path)
-                bad_paths.append(path)
-                continue
-            try:
-                st = os.stat(path)
-                digest = sha256_file(path)
-            except OSError as exc:
-                logger.warning("skipping unreadable file %s: %s", path, exc)
-                bad_paths.append(path)
-                continue
-            record = known.get(digest)
-            if record is not None:
-                if record.path != path and record.id >= 0 and _gone_or_changed(record):
-                    moved.append((record.id, path, st.st_size, st.st_mtime, label))
-                    known[digest] = dataclasses.replace(record, path=path, size=st.st_size, mtime=st.st_mtime)
-                else:
-                    n_dup += 1
-                continue
-            known[digest] = ImageRecord(-1, path, digest, st.st_size, st.st_mtime, label)
-            candidates.append((path, label, digest, st.st_size, st.st_mtime))
-        added, features = [], None
-        if candidates:
-            logger.info("extracting features of %d new images", len(candidates))
-            features, ok = self.extract([c[0] for c in candidates], batch_size=batch_size,
-                                        num_workers=num_workers, progress=progress)
-            bad_paths += [candidates[j][0] for j in np.flatnonzero(~ok)]
-            added = [c for c, good in zip(candidates, ok) if good]
-            features = features[ok]
-        report = AddReport(n_found=len(files), n_added=len(added), n_duplicates=n_dup, n_bad=len(bad_paths),
-                           bad_paths=bad_paths, generation=int(manifest["generation"]),
-                           count=int(manifest["count"]), seconds=0.0, n_moved=len(moved))
-        if not added and not moved:
+        added, moved = plan.candidates, plan.moved
+        report = AddReport(n_found=plan.n_found, n_added=len(added),
+                           n_duplicates=len(plan.duplicates) + plan.n_unchanged,
+                           n_bad=len(plan.bad_paths), bad_paths=plan.bad_paths,
+                           generation=int(manifest["generation"]), count=int(manifest["count"]), seconds=0.0,
+                           n_moved=len(moved))
+        if not added and not moved and not plan.duplicates:
             return report
 
         codes = None
@@ -291,12 +317,90 @@ class Builder:
         rows = [(int(i), path, digest, size, mtime, label)
                 for i, (path, label, digest, size, mtime) in zip(ids, added)]
         stats = dict(manifest["stats"])
-        stats["n_bad"] = int(stats.get("n_bad", 0)) + len(bad_paths)
-        stats["n_duplicates"] = int(stats.get("n_duplicates", 0)) + n_dup
+        stats["n_bad"] = int(stats.get("n_bad", 0)) + len(plan.bad_paths)
+        stats["n_duplicates"] = int(stats.get("n_duplicates", 0)) + len(plan.duplicates) + plan.n_unchanged
         new = write_generation(self.index_dir, manifest, codes=codes, rows=rows, moved=moved,
-                               features=features if added else None, stats=stats, keep_previous=keep_previous)
+                               features=features if added else None, stats=stats, keep_previous=keep_previous,
+                               duplicates=plan.duplicates)
         report.generation, report.count = int(new["generation"]), int(new["count"])
         return report
+
+
+@dataclasses.dataclass
+class Plan:
+    """What :meth:`Builder.plan` found in a list of files, before any extraction.
+
+    Attributes
+    ----------
+    n_found : int
+    candidates : list of (path, label, sha256, size, mtime)
+        New content, to extract and add.
+    moved : list of (id, path, size, mtime, label)
+        Indexed content under a new path.
+    duplicates : list of (path, sha256)
+        Content already indexed under another path (or repeated in the list), skipped.
+    n_unchanged : int
+        Files already indexed under their own path, skipped.
+    bad_paths : list of str
+    """
+
+    n_found: int
+    n_unchanged: int = 0
+    candidates: list[tuple] = dataclasses.field(default_factory=list)
+    moved: list[tuple] = dataclasses.field(default_factory=list)
+    duplicates: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    bad_paths: list[str] = dataclasses.field(default_factory=list)
+
+
+def plan_files(known: dict[str, ImageRecord], files: list[tuple[str, str | None]], *, progress: bool,
+               recorded_duplicates: frozenset[str] = frozenset()) -> Plan:
+    """Hash ``files`` and sort them into new, moved, duplicate and bad ones, before any extraction.
+
+    Parameters
+    ----------
+    known : dict of str to ImageRecord
+        The indexed images by content hash ({} for a new index).
+    files : list of (str, str or None)
+        ``(path, label)`` as from :func:`scan_images`.
+    progress : bool
+    recorded_duplicates : frozenset of str
+        Paths already recorded as exact duplicates (not reported again).
+    """
+    from tqdm.auto import tqdm
+
+    known = dict(known)
+    plan = Plan(n_found=len(files))
+    for path, label in tqdm(files, desc="hash", unit="file", disable=not progress):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            logger.warning("skipping %s: its name is not valid UTF-8", display_path(path))
+            plan.bad_paths.append(display_path(path))
+            continue
+        if not is_regular_file(path):  # a FIFO or device would block the hashing forever
+            logger.warning("skipping %s: not a regular file", path)
+            plan.bad_paths.append(path)
+            continue
+        try:
+            st = os.stat(path)
+            digest = sha256_file(path)
+        except OSError as exc:
+            logger.warning("skipping unreadable file %s: %s", path, exc)
+            plan.bad_paths.append(path)
+            continue
+        record = known.get(digest)
+        if record is not None:
+            if record.path != path and record.id >= 0 and _gone_or_changed(record):
+                plan.moved.append((record.id, path, st.st_size, st.st_mtime, label))
+                known[digest] = dataclasses.replace(record, path=path, size=st.st_size, mtime=st.st_mtime)
+            elif record.path != path and path not in recorded_duplicates:
+                plan.duplicates.append((path, digest))
+            else:
+                plan.n_unchanged += 1
+            continue
+        known[digest] = ImageRecord(-1, path, digest, st.st_size, st.st_mtime, label)
+        plan.candidates.append((path, label, digest, st.st_size, st.st_mtime))
+    return plan
 
 
 def _gone_or_changed(record: ImageRecord) -> bool:

@@ -162,6 +162,15 @@ class _Generation:
                 if retries < 0 or read_manifest(index_dir)["generation"] == manifest["generation"]:
                     raise
 
+    def codes_of(self, ids: np.ndarray) -> np.ndarray:
+        """uint8 (len(ids), B): the stored codes of indexed ``ids``, in that order."""
+        stored = np.asarray(self.index.ids, dtype=np.int64)  # a flat HammingIndex keeps them sorted
+        rows = np.searchsorted(stored, ids)
+        if np.any(rows >= stored.size) or not np.array_equal(stored[np.minimum(rows, stored.size - 1)], ids):
+            raise NotFoundError(f"ids: not all of {ids.tolist()[:5]} are indexed")
+        # HammingIndex has no public accessor for its codes; _codes() is the storage-order view
+        return np.ascontiguousarray(self.index._codes()[rows])
+
     def features_of(self, ids: np.ndarray) -> np.ndarray:
         """float32 (len(ids), D): stored features of ``ids``."""
         chunk = np.searchsorted(self.offsets, ids, side="right") - 1
@@ -492,8 +501,10 @@ class ImageIndex:
             collect_garbage(self.index_dir, self.manifest)
             builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
                               precision=self.precision.name, model_lock=self._model_lock)
+            recorded = frozenset(p for paths in self._state.metadata.duplicates().values() for p in paths)
             report = builder.commit(dict(self.manifest), self._state.metadata.by_hash(), files, self.encoder,
-                                    batch_size=batch_size, num_workers=num_workers, progress=progress)
+                                    batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                    recorded_duplicates=recorded)
             self.refresh()
         report.seconds = time.perf_counter() - started
         self.last_report = report
@@ -606,24 +617,30 @@ class ImageIndex:
         from dfsnet._validation import check_array
 
         self._check_search_args(k, rerank, rerank_factor)
-        state = self._state
         query = check_array(np.asarray(features).reshape(1, -1), name="features")
-        codes = self.encoder.transform(query)
-        shortlist = min(k * rerank_factor if rerank else k, state.count)
-        if not shortlist:  # every image removed
-            return []
-        distances, ids = state.index.search(codes, shortlist)
-        keep = ids[0] >= 0
-        distances, ids = distances[0][keep].astype(np.int64), ids[0][keep]
-        scores = None
-        if rerank and ids.size:
-            scores = np.linalg.norm(state.features_of(ids) - query, axis=1)
-            order = np.lexsort((ids, distances, scores))[:k]
-            distances, ids, scores = distances[order], ids[order], scores[order]
-        records = state.metadata.records(ids)
-        return [SearchHit(rank=r + 1, id=int(i), distance=int(d), path=records[int(i)].path,
-                          label=records[int(i)].label, score=None if scores is None else float(scores[r]))
-                for r, (i, d) in enumerate(zip(ids, distances))]
+        return _search_codes(self._state, self.encoder.transform(query), query if rerank else None, k,
+                             rerank_factor)
+
+    def search_id(self, image_id: int, k: int = 10, *, rerank: bool = False,
+                  rerank_factor: int = 10) -> list[SearchHit]:
+        """Like :meth:`search`, for a query that is an indexed image ("more like this"), by id.
+
+        The query is the image's stored code (and, to re-rank, its stored features): its file
+        is not read and the network does not run.
+
+        Raises
+        ------
+        NotFoundError
+            No image with that id.
+        """
+        self._check_search_args(k, rerank, rerank_factor)
+        record = self.record(image_id)  # NotFoundError for an unknown id
+        state = self._state
+        if not isinstance(state, _Generation):  # another backend: embed the indexed file instead
+            return self.search(record.path, k, rerank=rerank, rerank_factor=rerank_factor)
+        ids = np.array([int(image_id)], dtype=np.int64)
+        query = state.features_of(ids) if rerank else None
+        return _search_codes(state, state.codes_of(ids), query, k, rerank_factor)
 
     def _check_search_args(self, k, rerank, rerank_factor) -> None:
         check_positive_int(k, name="k")
@@ -631,6 +648,12 @@ class ImageIndex:
         if rerank and not self.has_features:
             raise InputError(f"rerank: the index {self.index_dir} stores no float features; rebuild it with "
                              "store_features=True (--store-features) to re-rank")
+
+    def records(self, *, offset: int = 0, limit: int = 50) -> list[ImageRecord]:
+        """A page of the indexed images, by ascending id (for browsing the collection)."""
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+            raise InputError(f"offset: expected an integer >= 0, got {offset!r}")
+        return self._state.metadata.page(int(offset), check_positive_int(limit, name="limit"))
 
     def record(self, image_id: int) -> ImageRecord:
         """Metadata of the indexed image ``image_id`` (NotFoundError, a KeyError, if there is none)."""
@@ -647,7 +670,8 @@ class ImageIndex:
     # inspection
 
     def info(self) -> dict[str, Any]:
-        """A JSON-ready summary: counts, code width, model, encoder, labels, files and sizes."""
+        """A JSON-ready summary: counts, code width, model (a trained DFSNet, or a pretrained backbone for an
+        index built without labels), encoder, labels, files and sizes."""
         state = self._state
         m = state.manifest
         names = [MANIFEST, *referenced_files(m)]
@@ -660,10 +684,14 @@ class ImageIndex:
             "image_size": m["image_size"],
             "precision": {"built": m.get("precision", "fp32"), "loaded": self.precision.name},
             "backbone": m["model"]["backbone"],
+            # "dfsnet": a trained DFSNet checkpoint; "backbone": a pretrained backbone, no training
+            "model_kind": m["model"].get("kind", "dfsnet"),
+            "supervised": bool(m.get("supervised", True)),
+            "weights": m["model"].get("weights"),
             "num_classes": m["model"]["num_classes"],
             "feature_dim": m["model"]["feature_dim"],
             "checkpoint": m["checkpoint"],
-            "encoder": {k: m["encoder"][k] for k in ("source", "fit_on", "params")},
+            "encoder": {k: m["encoder"].get(k) for k in ("source", "fit_on", "fit_images", "params")},
             "has_features": m["files"]["features"] is not None,
             "labels": state.metadata.label_counts(),
             "stats": m["stats"],
@@ -675,6 +703,28 @@ class ImageIndex:
     def verify(self, *, model=None, files: str = "sample", sample_size: int = 200, seed: int = 0) -> VerifyReport:
         """Check the committed index on disk for consistency; see :func:`dfsnet.store.verify_index`."""
         return verify_index(self.index_dir, model=model, files=files, sample_size=sample_size, seed=seed)
+
+
+def _search_codes(state: _Generation, codes: np.ndarray, query: np.ndarray | None, k: int,
+                  rerank_factor: int) -> list[SearchHit]:
+    """Hits of one query's ``codes`` uint8 (1, B); re-ranked by its float features ``query``
+    float32 (1, D) when given."""
+    rerank = query is not None
+    shortlist = min(k * rerank_factor if rerank else k, state.count)
+    if not shortlist:  # every image removed
+        return []
+    distances, ids = state.index.search(codes, shortlist)
+    keep = ids[0] >= 0
+    distances, ids = distances[0][keep].astype(np.int64), ids[0][keep]
+    scores = None
+    if rerank and ids.size:
+        scores = np.linalg.norm(state.features_of(ids) - query, axis=1)
+        order = np.lexsort((ids, distances, scores))[:k]
+        distances, ids, scores = distances[order], ids[order], scores[order]
+    records = state.metadata.records(ids)
+    return [SearchHit(rank=r + 1, id=int(i), distance=int(d), path=records[int(i)].path,
+                      label=records[int(i)].label, score=None if scores is None else float(scores[r]))
+            for r, (i, d) in enumerate(zip(ids, distances))]
 
 
 def _write_first_generation(model_path: Path | None, model, meta, out_dir: Path, files, encoder, *, bits, fit_on,

@@ -24,6 +24,9 @@ CREATE TABLE images (
 );
 CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Files whose content is indexed under another path (exact duplicates, skipped when added),
+# for `dfsnet dedup`. Databases written before it existed lack it; a copy gains it.
+DUPLICATES_SCHEMA = "CREATE TABLE IF NOT EXISTS duplicates (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL)"
 _COLUMNS = "id, path, sha256, size, mtime, label"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 # SQLite binds integers as signed 64-bit; a larger one raises OverflowError, not "no such row".
@@ -65,7 +68,8 @@ def sqlite_header_problem(path: Path) -> str | None:
 
 
 def write_metadata(src: Path | None, dst: Path, rows: list[tuple], generation: int, *,
-                   moved: Iterable[tuple] = (), removed: Iterable[int] = ()) -> None:
+                   moved: Iterable[tuple] = (), removed: Iterable[int] = (),
+                   duplicates: Iterable[tuple[str, str]] = ()) -> None:
     """Write ``dst`` as a copy of ``src`` (or a new database) with changes, crash-safely.
 
     Parameters
@@ -81,6 +85,9 @@ def write_metadata(src: Path | None, dst: Path, rows: list[tuple], generation: i
         ``(id, path, size, mtime, label)`` of images whose file moved (same content).
     removed : iterable of int
         Ids whose rows are dropped.
+    duplicates : iterable of (path, sha256)
+        Files found with the content of an indexed image under another path. Entries whose
+        content is no longer indexed, or whose path became an indexed one, are dropped.
     """
     tmp = dst.with_name(f".{dst.name}.tmp")
     for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
@@ -93,10 +100,14 @@ def write_metadata(src: Path | None, dst: Path, rows: list[tuple], generation: i
             with contextlib.closing(sqlite3.connect(sqlite_uri(src, read_only=True), uri=True)) as source:
                 source.backup(conn)
         with conn:
+            conn.execute(DUPLICATES_SCHEMA)
             conn.executemany("DELETE FROM images WHERE id = ?", [(int(i),) for i in removed])
             conn.executemany("UPDATE images SET path = ?, size = ?, mtime = ?, label = ? WHERE id = ?",
                              [(p, s, t, lab, int(i)) for i, p, s, t, lab in moved])
             conn.executemany(f"INSERT INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany("INSERT OR REPLACE INTO duplicates (path, sha256) VALUES (?, ?)", list(duplicates))
+            conn.execute("DELETE FROM duplicates WHERE sha256 NOT IN (SELECT sha256 FROM images) "
+                         "OR path IN (SELECT path FROM images)")
             conn.execute("INSERT OR REPLACE INTO info (key, value) VALUES ('generation', ?)", (str(generation),))
         if removed:
             conn.execute("VACUUM")
@@ -146,6 +157,11 @@ class MetadataReader:
         """Every record, by ascending id."""
         return [ImageRecord(*row) for row in self._query(f"SELECT {_COLUMNS} FROM images ORDER BY id")]
 
+    def page(self, offset: int, limit: int) -> list[ImageRecord]:
+        """Records ``offset`` to ``offset + limit - 1`` in ascending id order."""
+        return [ImageRecord(*row) for row in self._query(
+            f"SELECT {_COLUMNS} FROM images ORDER BY id LIMIT ? OFFSET ?", (int(limit), int(offset)))]
+
     def by_path(self, paths: Iterable[str]) -> dict[str, ImageRecord]:
         """The records whose path is one of ``paths`` (exact match), keyed by path."""
         paths = list(dict.fromkeys(paths))
@@ -159,6 +175,16 @@ class MetadataReader:
     def by_hash(self) -> dict[str, ImageRecord]:
         """Every record keyed by its content hash."""
         return {r.sha256: r for r in self.all_records()}
+
+    def duplicates(self) -> dict[str, list[str]]:
+        """Paths of exact duplicates recorded when they were skipped, by content hash ({} for a
+        database written before they were recorded)."""
+        if not self._query("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'duplicates'"):
+            return {}
+        out: dict[str, list[str]] = {}
+        for path, digest in self._query("SELECT path, sha256 FROM duplicates ORDER BY path"):
+            out.setdefault(digest, []).append(path)
+        return out
 
     def label_counts(self) -> dict[str | None, int]:
         """Images per label, sorted by label (unlabelled images under None)."""

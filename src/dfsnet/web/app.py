@@ -1,8 +1,9 @@
 """The FastAPI application serving one index: a JSON search API, thumbnails by id and a page.
 
-Endpoints: ``POST /api/search`` (multipart ``file`` + ``k`` + ``rerank``), ``GET /api/images/{id}``
-(JPEG thumbnail), ``GET /api/info``, ``GET /healthz``, ``GET /`` (the search page), ``/docs`` and
-``/openapi.json``.
+Endpoints: ``POST /api/search`` (multipart ``file`` + ``k`` + ``rerank``), ``GET /api/similar/{id}``
+(search by an indexed image, "more like this"), ``GET /api/images`` (browse, page by page),
+``GET /api/images/{id}`` (JPEG thumbnail), ``GET /api/info``, ``GET /healthz``, ``GET /`` (the
+search page), ``/docs`` and ``/openapi.json``.
 
 Security: requests name indexed images by integer id only, so no request path or file name ever
 reaches the filesystem; uploads are capped in bytes before and while reading and in pixels before
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -71,17 +72,33 @@ class Hit(BaseModel):
 class SearchResponse(BaseModel):
     k: int
     rerank: bool
+    query_id: int | None = Field(None, description="the indexed image searched by, for /api/similar")
     count: int = Field(description="images in the index")
     bits: int
     seconds: float = Field(description="server-side search time, decoding included")
     hits: list[Hit]
 
 
+class Item(BaseModel):
+    id: int
+    label: str | None
+    name: str = Field(description="file name of the indexed image")
+    thumbnail_url: str
+
+
+class Page(BaseModel):
+    count: int = Field(description="images in the index")
+    offset: int
+    limit: int
+    items: list[Item]
+
+
 class Info(BaseModel):
     count: int
     bits: int
     backbone: str
-    num_classes: int
+    supervised: bool = Field(description="built with a trained model (else a pretrained backbone, no labels)")
+    num_classes: int | None
     has_features: bool
     generation: int
     max_k: int
@@ -264,7 +281,7 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
         refresher.tick()
         data = index.info()
         return Info(count=data["count"], bits=data["bits"], backbone=data["backbone"],
-                    num_classes=data["num_classes"], has_features=data["has_features"],
+                    supervised=data["supervised"], num_classes=data["num_classes"], has_features=data["has_features"],
                     generation=data["generation"], max_k=max_k, max_upload_bytes=max_upload_bytes,
                     labels={k or "": v for k, v in data["labels"].items()}, version=__version__)
 
@@ -287,12 +304,48 @@ def create_app(index, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_i
             raise HTTPException(400, "rerank: this index stores no float features; rebuild it with "
                                      "--store-features to re-rank")
         hits = batcher.submit(image, k=k, rerank=rerank).result()
+        return _response(request, hits, k=k, rerank=rerank, started=started)
+
+    def _response(request: Request, hits, *, k: int, rerank: bool, started: float,
+                  query_id: int | None = None) -> SearchResponse:
         root = request.scope.get("root_path", "")
         return SearchResponse(
-            k=k, rerank=rerank, count=len(index), bits=index.n_bits, seconds=time.perf_counter() - started,
+            k=k, rerank=rerank, query_id=query_id, count=len(index), bits=index.n_bits,
+            seconds=time.perf_counter() - started,
             hits=[Hit(rank=h.rank, id=h.id, distance=h.distance, score=h.score, label=h.label,
                       name=os.path.basename(h.path), thumbnail_url=f"{root}/api/images/{h.id}") for h in hits],
         )
+
+    @app.get("/api/similar/{image_id}", response_model=SearchResponse,
+             summary="Search by an indexed image (more like this), by id: no upload",
+             responses={404: {"description": "unknown id"}})
+    def similar(
+        image_id: int, request: Request,
+        k: Annotated[int, Query(ge=1, le=max_k, description="number of results")] = 10,
+        rerank: Annotated[bool, Query(description="re-rank by the stored float features")] = False,
+    ) -> SearchResponse:
+        started = time.perf_counter()
+        refresher.tick()
+        if rerank and not index.has_features:
+            raise HTTPException(400, "rerank: this index stores no float features; rebuild it with "
+                                     "--store-features to re-rank")
+        try:
+            hits = index.search_id(image_id, k=k, rerank=rerank)
+        except KeyError:
+            raise HTTPException(404, f"no image with id {image_id} in the index") from None
+        return _response(request, hits, k=k, rerank=rerank, started=started, query_id=image_id)
+
+    @app.get("/api/images", response_model=Page, summary="Browse the indexed images, by id, page by page")
+    def browse(
+        request: Request,
+        offset: Annotated[int, Query(ge=0, le=2**62, description="images to skip")] = 0,
+        limit: Annotated[int, Query(ge=1, le=max_k, description="images per page")] = 24,
+    ) -> Page:
+        refresher.tick()
+        root = request.scope.get("root_path", "")
+        items = [Item(id=r.id, label=r.label, name=os.path.basename(r.path), thumbnail_url=f"{root}/api/images/{r.id}")
+                 for r in index.records(offset=offset, limit=limit)]
+        return Page(count=len(index), offset=offset, limit=limit, items=items)
 
     @app.get("/api/images/{image_id}", summary="JPEG thumbnail of an indexed image",
              response_class=Response,
