@@ -311,8 +311,11 @@ def _index_images(index) -> tuple[np.ndarray, list[str], dict[int, list[str]]]:
     elif isinstance(index, (str, Path)):
         index_dir = Path(index).expanduser().resolve()
         manifest = read_manifest(index_dir)
-        check_on_load(index_dir, manifest)  # no model needed: only the metadata is read
-        reader, own = MetadataReader(index_dir / manifest["files"]["metadata"]), True
+        if manifest.get("backend", {}).get("kind") == "milvus":  # the metadata is in the collection
+            reader, own = ImageIndex.load(index_dir, device="cpu")._state.metadata, False
+        else:
+            check_on_load(index_dir, manifest)  # no model needed: only the metadata is read
+            reader, own = MetadataReader(index_dir / manifest["files"]["metadata"]), True
     else:
         raise InputTypeError(f"index: expected an ImageIndex or its folder, got {type(index).__name__}")
     try:

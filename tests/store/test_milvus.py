@@ -123,3 +123,49 @@ def test_refuses_another_model_or_width_a_foreign_schema_and_a_dead_server(world
     with pytest.raises(ValueError, match="http://127.0.0.1:9"):
         MilvusCodes.open("http://127.0.0.1:9", "world", identity, timeout=2.0)
     assert time.perf_counter() - started < 30
+
+
+def test_more_like_this_paging_and_the_cli(world, tmp_path, capsys):
+    import json
+
+    from dfsnet.cli import main
+
+    remote = ImageIndex.load(world["root"] / "remote", device="cpu", precision="fp32")
+    first = remote.records(offset=0, limit=5)
+    assert [r.id for r in first] == sorted(r.id for r in first) and len(remote.records(offset=10, limit=5)) == 2
+    hits = remote.search_id(first[0].id, k=12)
+    assert first[0].id in [h.id for h in hits if h.distance == 0]
+    out = tmp_path / "cli.idx"
+    uri = str(tmp_path / "cli.db")
+    code = main(["index", "build", str(out), "--model", str(world["ckpt"]), "--images", str(world["images"]),
+                 "--fit-on", str(world["images"]), "--bits", str(BITS), "--backend", "milvus", "--uri", uri,
+                 "--shard", "0/2", "--device", "cpu", "--precision", "fp32"])
+    assert code == 0 and "Milvus collection 'dfsnet_cli_idx'" in capsys.readouterr().out
+    assert main(["index", "add", str(out), "--images", str(world["images"]), "--shard", "1/2",
+                 "--device", "cpu", "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 12
+    query = sorted(world["images"].rglob("*.jpg"))[0]
+    assert main(["search", str(out), str(query), "-k", "3", "--json", "--precision", "fp32"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 3
+    assert main(["index", "verify", str(out), "--files", "all"]) == 0
+    code = main(["index", "build", str(tmp_path / "z"), "--model", str(world["ckpt"]), "--images",
+                 str(world["images"]), "--backend", "milvus"])
+    assert code == 2 and "--uri" in capsys.readouterr().err
+    code = main(["index", "add", str(world["root"] / "local"), "--images", str(world["images"]), "--shard", "0/2"])
+    assert code == 2
+
+
+def test_dedup_reads_a_milvus_index(world, tmp_path):
+    from dfsnet.dedup import find_duplicates
+    from tests.store.test_unsupervised import distinct_images
+    from tests.test_dedup import plant_copies
+
+    images = distinct_images(tmp_path / "imgs", 12, seed=4)
+    (copy,) = plant_copies(images, [images / "005.jpg"])
+    MilvusIndex.build(world["ckpt"], images, tmp_path / "idx", uri=str(tmp_path / "d.db"), **world["common"])
+    report = find_duplicates(tmp_path / "idx")
+    assert report.n_images == 13
+    assert [set(g.paths) for g in report.groups if g.kind == "near"] == \
+        [{str((images / "005.jpg").resolve()), str(copy.resolve())}]

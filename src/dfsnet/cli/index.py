@@ -53,6 +53,13 @@ def register(subparsers) -> None:
     build.add_argument("--force", action="store_true",
                        help="build even where INDEX_DIR holds an index or its remains, replacing it "
                             "(try `dfsnet index repair` first)")
+    g = build.add_argument_group("backend (where the codes and metadata live)")
+    g.add_argument("--backend", choices=("local", "milvus"), default="local",
+                   help="local: files in INDEX_DIR (faiss + SQLite); milvus: a Milvus collection, the folder "
+                        "keeping the manifest, model and encoder (default: %(default)s; see docs/scale-out.md)")
+    g.add_argument("--uri", help="milvus: a server's http://host:19530, or a local Milvus Lite file (codes.db)")
+    g.add_argument("--collection", help="milvus: the collection name (default: dfsnet_<INDEX_DIR name>)")
+    _add_shard_arg(g)
     add_loader_args(build)
     build.set_defaults(func=_build)
 
@@ -63,6 +70,7 @@ def register(subparsers) -> None:
     add.add_argument("--images", dest="images_flag", metavar="DIR", help=argparse.SUPPRESS)
     add.add_argument("--model", metavar="CKPT", default=None,
                      help="refuse unless the index was built with this checkpoint")
+    _add_shard_arg(add)
     add_loader_args(add)
     add.set_defaults(func=_add)
 
@@ -128,6 +136,12 @@ IMAGES_HELP = ("image folder (searched recursively; sub-folder names are recorde
                "a subset without copying")
 
 
+def _add_shard_arg(parser) -> None:
+    parser.add_argument("--shard", metavar="I/N",
+                        help="milvus backend: index only shard I of N of the images (a stable hash of the path), "
+                             "so N workers fill one collection together; re-running a shard adds nothing twice")
+
+
 def _add_index_dir(parser: argparse.ArgumentParser, *, new: bool = False) -> None:
     if new:  # `--out` kept as a spelling of the same positional for scripts written against it
         parser.add_argument("index_dir", metavar="INDEX_DIR", nargs="?", help="new index folder (or --out)")
@@ -177,6 +191,10 @@ def _build(args) -> int:
 
     selector = None if args.selector == "none" else args.selector
     out = _one_of(args, "index_dir", "out", "index_dir")
+    if args.backend == "milvus":
+        return _build_milvus(args, out, selector)
+    if args.uri or args.collection or args.shard:
+        raise UserError("--uri, --collection, --shard: these go with --backend milvus")
     pipe = ImageIndex.build(args.model, args.images, out, bits=args.bits, fit_on=args.fit_on,
                             selector=selector, hasher=args.hasher, backbone=args.backbone, weights=args.weights,
                             fit_sample=args.fit_sample, store_features=args.store_features,
@@ -189,13 +207,37 @@ def _build(args) -> int:
     return 0
 
 
+def _build_milvus(args, out: str, selector: str | None) -> int:
+    from dfsnet.store.milvus import MilvusIndex
+
+    if not args.uri:
+        raise UserError("--uri: --backend milvus needs the Milvus URI (http://host:19530 or a local .db file)")
+    if not args.model:
+        raise UserError("--model: the Milvus backend indexes with a trained model (dfsnet train); index "
+                        "without one on the local backend")
+    pipe = MilvusIndex.build(args.model, args.images, out, uri=args.uri, collection=args.collection,
+                             bits=args.bits, fit_on=args.fit_on, selector=selector, hasher=args.hasher,
+                             store_features=args.store_features, image_size=args.image_size,
+                             batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                             precision=args.precision, progress=progress_enabled(args), force=args.force,
+                             shard=args.shard)
+    _print_report("indexed", pipe.last_report)
+    print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes in Milvus collection "
+          f"{pipe.manifest['backend']['collection']!r} at {args.uri})")
+    return 0
+
+
 def _add(args) -> int:
     from dfsnet.store import ImageIndex
+    from dfsnet.store.milvus import MilvusIndex
 
     pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision)
     images = _one_of(args, "images", "images_flag", "images")
+    if args.shard and not isinstance(pipe, MilvusIndex):
+        raise UserError("--shard: only an index on the Milvus backend takes adds from several workers")
+    extra = {"shard": args.shard} if args.shard else {}
     report = pipe.add(images, batch_size=args.batch_size, num_workers=args.num_workers,
-                      progress=progress_enabled(args))
+                      progress=progress_enabled(args), **extra)
     _print_report("added", report)
     return 0
 
@@ -235,8 +277,13 @@ def _info(args) -> int:
 def _verify(args) -> int:
     from dfsnet.store import read_manifest, verify_index
 
-    read_manifest(args.index_dir)  # a clear error when it is no index at all
-    report = verify_index(args.index_dir, model=args.model, files=args.files)
+    manifest = read_manifest(args.index_dir)  # a clear error when it is no index at all
+    if manifest.get("backend", {}).get("kind") == "milvus":  # the collection is checked through its client
+        from dfsnet.store import ImageIndex
+
+        report = ImageIndex.load(args.index_dir, device="cpu").verify(model=args.model, files=args.files)
+    else:  # the local files are checked without loading the model
+        report = verify_index(args.index_dir, model=args.model, files=args.files)
     for note in report.notes:
         print(f"note: {printable(note)}")
     if report.ok:

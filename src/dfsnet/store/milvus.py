@@ -31,10 +31,10 @@ import numpy as np
 
 from dfsnet import __version__
 from dfsnet._io import atomic_write, sha256_file
-from dfsnet.errors import InputError
+from dfsnet.errors import InputError, NotFoundError
 from dfsnet.hashing.bits import n_bytes
 from dfsnet.store.builder import AddReport, Builder, scan_images
-from dfsnet.store.image_index import ImageIndex
+from dfsnet.store.image_index import ImageIndex, SearchHit, _search_codes
 from dfsnet.store.maintenance import PruneReport, RemoveReport
 from dfsnet.store.manifest import (
     ENCODER_FILE,
@@ -236,6 +236,25 @@ class MilvusCodes:
         finally:
             it.close()
         return sorted(rows, key=lambda r: r.id)
+
+    def codes_of(self, ids: np.ndarray) -> np.ndarray:
+        """uint8 (len(ids), B): the stored codes of ``ids``, in that order."""
+        rows = {int(r["id"]): _code_bytes(r["code"])
+                for r in self._query(f"id in {[int(i) for i in ids]}", ["id", "code"])}
+        missing = [int(i) for i in ids if int(i) not in rows]
+        if missing:
+            raise NotFoundError(f"ids: {missing[:5]} are not indexed")
+        return np.stack([np.frombuffer(rows[int(i)], dtype=np.uint8) for i in ids])
+
+    def page(self, offset: int, limit: int) -> list[ImageRecord]:
+        """Records ``offset`` to ``offset + limit - 1`` in ascending id order (reads every id:
+        Milvus queries have no order)."""
+        return self.all_records()[offset:offset + limit]
+
+    def duplicates(self) -> dict[str, list[str]]:
+        """Copies skipped as duplicates, by content hash: the collection does not record them
+        (concurrent workers skip them independently), so none are reported."""
+        return {}
 
     def label_counts(self) -> dict[str | None, int]:
         counts: dict[str | None, int] = {}
@@ -496,6 +515,15 @@ class MilvusIndex(ImageIndex):
     def refresh(self) -> bool:
         """Nothing to follow: writes to the collection are live."""
         return False
+
+    def search_id(self, image_id: int, k: int = 10, *, rerank: bool = False,
+                  rerank_factor: int = 10) -> list[SearchHit]:
+        """As :meth:`ImageIndex.search_id`: the stored code (and features) of an indexed image."""
+        self._check_search_args(k, rerank, rerank_factor)
+        self.record(image_id)  # NotFoundError for an unknown id
+        ids = np.array([int(image_id)], dtype=np.int64)
+        query = self.codes.features_of(ids) if rerank else None
+        return _search_codes(self._state, self.codes.codes_of(ids), query, k, rerank_factor)
 
     def remove(self, ids=(), *, paths=()) -> RemoveReport:
         """Delete the images with these ids and/or paths from the collection."""
