@@ -172,7 +172,7 @@ def retrieval_eval(train_features: np.ndarray, train_labels: np.ndarray, query_f
                              precision_at_k=s[k].precision_at_k, fit_seconds=0.0, encode_seconds=0.0,
                              search_seconds=search_seconds, seconds_per_query=search_seconds / nq,
                              bytes_per_item=int(db.itemsize * d)))
-            logger.info("euclidean ties=%s: mAP@all %.4f, mAP@%d %.4f", mode, s[None].map, k, s[k].map)
+            logger.debug("euclidean ties=%s: mAP@all %.4f, mAP@%d %.4f", mode, s[None].map, k, s[k].map)
 
     start = time.perf_counter()
     base.fit(train, train_y)
@@ -201,6 +201,6 @@ def retrieval_eval(train_features: np.ndarray, train_labels: np.ndarray, query_f
                              precision_at_k=s[k].precision_at_k, fit_seconds=fit_seconds,
                              encode_seconds=encode_seconds, search_seconds=search_seconds,
                              seconds_per_query=search_seconds / nq, bytes_per_item=int(db_codes.shape[1])))
-            logger.info("%s %d bits ties=%s: mAP@all %.4f, mAP@%d %.4f", method, n_bits, mode,
+            logger.debug("%s %d bits ties=%s: mAP@all %.4f, mAP@%d %.4f", method, n_bits, mode,
                         s[None].map, k, s[k].map)
     return rows
