@@ -11,7 +11,7 @@ from dfsnet.experiments.schemes import SCHEMES
 def _results(ties=("stable", "expected")) -> dict:
     rows = []
     maps = {"1": 0.40, "2": 0.60, "1h": 0.30, "3": 0.58, "3-random": 0.50, "3-fmean": 0.55,
-            "3-fmedian": 0.54, "itq": 0.57}
+            "3-fmedian": 0.54, "itq": 0.57, "1-csq": 0.45, "3-csq": 0.66, "3h-itq": 0.65}
     for sid, scheme in SCHEMES.items():
         for t in ties:
             for bits in ([None] if scheme.metric == "euclidean" else [16, 64, 1280]):
@@ -47,7 +47,8 @@ def _line(text: str, start: str) -> list[str]:
 
 def test_summary_uses_float_rows_and_hashed_rows_at_pr_bits():
     rows = summary_rows(_results())
-    assert [r["scheme"] for r in rows] == ["1", "1h", "2", "3", "3-random", "3-fmean", "3-fmedian", "itq"]
+    assert [r["scheme"] for r in rows] == ["1", "1h", "2", "3", "3-random", "3-fmean", "3-fmedian", "itq",
+                                           "1-csq", "3-csq", "3h-itq"]
     assert all(r["ties"] == "stable" for r in rows)
     assert {r["bits"] for r in rows if r["scheme"] not in ("1", "2")} == {64}
 

@@ -40,7 +40,7 @@ def test_every_scheme_reported_with_both_tie_modes(tiny_run):
         for ties in ("stable", "expected"):
             if SCHEMES[sid].metric == "euclidean":
                 assert (sid, None, ties) in found
-            elif sid == "itq":  # capped at the 9 train images: PCA has at most that many axes
+            elif sid in ("itq", "3h-itq"):  # capped at the 9 train images: PCA has at most that many axes
                 assert (sid, 8, ties) in found and (sid, 16, ties) not in found
             else:
                 assert {(sid, 8, ties), (sid, 16, ties)} <= found
@@ -96,7 +96,7 @@ def test_changed_training_setting_retrains_only_that_stage(tiny_run, caplog):
     (setting,) = results["settings"]
     assert "split" in setting["cached_stages"]
     assert not setting["networks"]["dfs"]["cached"]
-    assert {r["scheme"] for r in setting["rows"]} == {"1", "1h", "2", "3"}
+    assert {r["scheme"] for r in setting["rows"]} == {"1", "1h", "2", "3", "1-csq", "3-csq"}
 
 
 def test_cli_runs_a_config_file_with_flag_overrides(tmp_path, capsys):
@@ -142,3 +142,16 @@ def test_missing_dataset_root_says_how_to_get_it(tmp_path):
                             "backbones": ["test_efficientnet"], "pretrained": False, "out_dir": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match=r"(?s)CIFAR-10 not found.*download"):
         run_experiment(cfg)
+
+
+def test_default_encoder_selection_is_recorded_and_reported(tiny_run):
+    _, _, cfg, results = tiny_run
+    (setting,) = results["settings"]
+    sel = setting["encoder_selection"]
+    assert sel["bits"] == cfg.pr_bits and sel["choice"] in sel["validation"] and sel["network"] == "dfs_h"
+    assert set(sel["validation"]) <= {"learned", "itq", "paper"} and "learned" in sel["validation"]
+    assert sel["schemes"]["learned"] == "3-csq" and set(setting["networks"]) == {"ori", "dfs", "ori_h", "dfs_h"}
+    best = max(v["map_at_k"] for v in sel["query"].values())
+    assert sel["gap_to_best"] == pytest.approx(best - sel["query"][sel["choice"]]["map_at_k"])
+    report = Path(results["report"]).read_text()
+    assert "The default encoder, chosen on the validation split" in report and "3-csq" in report

@@ -41,11 +41,14 @@ def new_scheme(monkeypatch):
 
 
 def test_registry_order_and_ablations():
-    assert list(SCHEMES) == ["1", "1h", "2", "3", "3-random", "3-fmean", "3-fmedian", "itq"]
-    assert ablation_names() == ["random", "feature_mean", "feature_median", "itq"]
-    assert [s.id for s in enabled_schemes([])] == ["1", "1h", "2", "3"]
-    assert [s.id for s in enabled_schemes(["itq"])] == ["1", "1h", "2", "3", "itq"]
+    assert list(SCHEMES) == ["1", "1h", "2", "3", "3-random", "3-fmean", "3-fmedian", "itq", "1-csq", "3-csq",
+                             "3h-itq"]
+    assert ablation_names() == ["random", "feature_mean", "feature_median", "itq", "itq_hash_features"]
+    assert [s.id for s in enabled_schemes([])] == ["1", "1h", "2", "3", "1-csq", "3-csq"]
+    assert [s.id for s in enabled_schemes(["itq"])] == ["1", "1h", "2", "3", "itq", "1-csq", "3-csq"]
+    assert {s.id for s in SCHEMES.values() if s.learned} == {"1-csq", "3-csq"}
     assert {s.metric for s in SCHEMES.values() if s.hasher is None} == {"euclidean"}
+    assert SCHEMES["3"].selector == "gain_ratio" and SCHEMES["3"].hasher == "sample_mean"  # the paper's
 
 
 def test_a_new_entry_shows_up_in_tables_and_figures(new_scheme):

@@ -95,7 +95,7 @@ def test_encoder_clones_and_runs_in_a_pipeline(data):
 def test_make_encoder_errors():
     with pytest.raises(ValueError, match=r"selector: expected one of \['gain_ratio', 'random', None\], got 'pca'"):
         make_encoder("pca", "sample_mean", 8)
-    with pytest.raises(ValueError, match=r"hasher: expected one of \['sample_mean', .*'itq'\], got 'lsh'"):
+    with pytest.raises(ValueError, match=r"hasher: expected one of \['sample_mean', .*'csq', 'orthohash'\], got"):
         make_encoder("gain_ratio", "lsh", 8)
     with pytest.raises(ValueError, match="n_bits: hasher='sample_mean' without a selector makes one bit per input"):
         make_encoder(None, "sample_mean", 8)

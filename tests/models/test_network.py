@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from dfsnet.errors import InputError
 from dfsnet.models import DFSModule, DFSNet, create_backbone
 from dfsnet.models.network import DFSNetMeta, dfs_branch_widths
 
@@ -161,3 +162,36 @@ def test_meta_is_dict_like_and_round_trips_through_json(tiny_backbone):
     assert restored == meta and copy.deepcopy(meta) == meta
     with pytest.raises(ValueError, match="meta: expected keys"):
         DFSNetMeta.from_dict({"num_classes": 3})
+
+
+def test_hash_head_outputs_meta_and_export():
+    import torch
+
+    from dfsnet.models import DFSNet, DFSNetMeta, create_backbone
+
+    torch.manual_seed(0)
+    backbone = create_backbone("test_efficientnet")
+    d = backbone.meta.feature_dim
+    plain = DFSNet(backbone, 3)
+    torch.manual_seed(0)
+    hashed = DFSNet(create_backbone("test_efficientnet"), 3, hash_bits=12)
+    fmap = torch.randn(2, d, 2, 2)
+    logits, codes = hashed.eval().head_outputs(fmap)
+    assert logits.shape == (2, 3) and codes.shape == (2, 12)
+    assert plain.eval().head_outputs(fmap)[1] is None
+    # The hash layer is built last: the rest of the head draws the same initial weights.
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, hashed.state_dict()[key]), key
+    meta = hashed.meta.to_dict()
+    assert meta["hash_bits"] == 12 and DFSNetMeta.from_dict(meta) == hashed.meta
+    legacy = {k: v for k, v in plain.meta.to_dict().items() if k != "hash_bits"}
+    assert DFSNetMeta.from_dict(legacy).hash_bits is None  # a meta written before hash heads
+    hasher = hashed.export_hasher()
+    feats = hashed.head_features(fmap).detach()
+    expected = np.packbits((hashed.hash(feats) >= 0).numpy(), axis=1, bitorder="big")
+    np.testing.assert_array_equal(hasher.transform(feats.numpy()), expected)
+    images = torch.randn(2, 3, 32, 32)
+    assert hashed.hash_logits(images).shape == (2, 12)
+    assert hashed.without_hash().hash is None and hashed.meta.hash_bits is None
+    with pytest.raises(InputError, match="no hash layer"):
+        hashed.export_hasher()

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from dfsnet.cli._common import add_device_arg, add_precision_arg, add_progress_arg, progress_enabled
 from dfsnet.errors import InputError
-from dfsnet.train.workflow import MODES
+from dfsnet.train.workflow import ENCODERS, HASH_HEADS, MODES
 
 # Listed for --help only; the library validates the names and lists the valid ones on error.
 _SOURCES = "folder, cifar10, caltech256, digits"
 _PROTOCOLS = "paper, cifar10, cifar10-1, per-class"
 _SELECTORS = "gain_ratio (the paper), random, none"
-_HASHERS = "sample_mean (the paper), feature_mean, feature_median, zero, itq"
+_HASHERS = "sample_mean (the paper), feature_mean, feature_median, zero, itq, csq, orthohash"
 
 
 def register(subparsers) -> None:
@@ -42,7 +42,9 @@ def _register_train(subparsers) -> None:
         description="Fine-tune DFS-Net on a labelled image dataset, write OUT/model.safetensors (the "
         "best epoch on the validation images), OUT/split.json (the split used), OUT/encoder.npz "
         "(feature selector + hasher fitted on the training features, used by `dfsnet index build`) and "
-        "OUT/train_summary.json. "
+        "OUT/train_summary.json. By default a CSQ hash head trains beside the classifier and the encoder "
+        "is the best on the validation images of that head, ITQ and the paper's hash (--encoder paper gives "
+        "exactly the paper's Scheme 3). "
         "The validation images are carved from the training part of the split, never from the queries. "
         "Re-running with the same OUT resumes from OUT/checkpoints/last.ckpt.",
     )
@@ -88,8 +90,22 @@ def _register_train(subparsers) -> None:
     g.add_argument("--warmup-epochs", type=float, default=0.0, metavar="E",
                    help="linear warm-up before the cosine decay (default: %(default)s)")
     g.add_argument("--patience", type=int, default=5,
-                   help="early stopping after this many epochs without a better val accuracy; 0 disables "
+                   help="early stopping after this many epochs without a better monitored value; 0 disables "
                         "(default: %(default)s)")
+    g.add_argument("--augment", choices=("none", "flip", "flip_image"),
+                   help="head mode: flip mirrors half of each batch of cached maps; flip_image also caches the "
+                        "mirrored images' maps and draws from both (default: flip in head mode, none in full "
+                        "mode, which augments the images)")
+    g.add_argument("--monitor", choices=("val_acc", "val_map"),
+                   help="what selects the best epoch and stops early: validation accuracy, or (head mode) "
+                        "the validation images' retrieval mAP against the training images (default: val_map "
+                        "in head mode, val_acc in full mode)")
+    g.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="mixup of training inputs and their losses, weight ~ Beta(ALPHA, ALPHA); 0 = off "
+                        "(default: 0.4 in head mode with a hash head, else 0)")
+    g.add_argument("--refit", action="store_true",
+                   help="after selection, train again on the training + validation images for the selected "
+                        "number of epochs")
     g.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
     g.add_argument("--cache-dir", metavar="DIR", help="head mode feature-map cache (default: OUT/cache)")
     g.add_argument("--eval-queries", action="store_true",
@@ -105,10 +121,20 @@ def _register_train(subparsers) -> None:
     add_precision_arg(g)
 
     g = p.add_argument_group("hash encoder")
-    g.add_argument("--bits", type=int, help="code length (default: 128; with --selector none and a threshold "
-                   "hasher, one bit per feature, the backbone's feature width)")
-    g.add_argument("--selector", default="gain_ratio", help=f"{_SELECTORS} (default: %(default)s)")
-    g.add_argument("--hasher", default="sample_mean", help=f"{_HASHERS} (default: %(default)s)")
+    g.add_argument("--bits", type=int, help="code length (default: 128; with --encoder custom, --selector none "
+                   "and a threshold hasher, one bit per feature, the backbone's feature width)")
+    g.add_argument("--encoder", default="auto", choices=ENCODERS,
+                   help="auto: the best on the validation images of the learned hash head, ITQ and the paper's "
+                        "hash; learned: the hash head; itq; paper: gain ratio + sample-mean hash (Scheme 3, no "
+                        "hash head); custom: --selector + --hasher (default: %(default)s)")
+    g.add_argument("--hash-head", default="auto", choices=HASH_HEADS + ("auto",),
+                   help="hash layer trained beside the classifier: auto = csq with --encoder auto or learned, "
+                        "else none (default: %(default)s)")
+    g.add_argument("--hash-weight", type=float, default=1.0, metavar="W",
+                   help="weight of the hash loss against the cross-entropy (default: %(default)s)")
+    g.add_argument("--selector", help=f"{_SELECTORS}; giving --selector or --hasher means --encoder custom "
+                   "(default: gain_ratio)")
+    g.add_argument("--hasher", help=f"{_HASHERS} (default: sample_mean)")
 
     add_progress_arg(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -178,6 +204,9 @@ def _train(args) -> int:
     _check_args(args, out_is_folder=True)
     _quiet_lightning(args)
     progress = progress_enabled(args)
+    encoder = args.encoder
+    if encoder == "auto" and (args.selector or args.hasher):
+        encoder = "custom"
     outcome = train_and_fit(
         out_dir=args.out, source=args.source, data=args.data, download=args.download, backbone=args.backbone,
         pretrained=args.pretrained, weights=args.weights, init=args.init, dfs=not args.no_dfs,
@@ -187,8 +216,11 @@ def _train(args) -> int:
         warmup_epochs=args.warmup_epochs, patience=args.patience or None, batch_size=args.batch_size,
         num_workers=args.num_workers, resume=not args.no_resume, cache_dir=args.cache_dir, device=args.device,
         accelerator=args.accelerator, devices=_devices(args.devices), num_nodes=args.num_nodes,
-        strategy=args.strategy, precision=args.precision, selector=args.selector, hasher=args.hasher,
-        n_bits=args.bits, eval_queries=args.eval_queries, progress=progress,
+        strategy=args.strategy, precision=args.precision, selector=args.selector or "gain_ratio",
+        hasher=args.hasher or "sample_mean", n_bits=args.bits, encoder=encoder, hash_head=args.hash_head,
+        hash_weight=args.hash_weight,
+        augment=args.augment, monitor=args.monitor, mixup=args.mixup, refit=args.refit, eval_queries=args.eval_queries,
+        progress=progress,
     )
     result = outcome.result
     if not result.is_global_zero:  # another DDP process: rank zero reports
@@ -196,7 +228,13 @@ def _train(args) -> int:
     print(f"val top-1 accuracy {result.best_val_acc:.4f} (best epoch {outcome.best_epoch} of {result.epochs_run}, "
           f"{result.seconds:.1f} s)")
     print(f"model: {result.checkpoint}")
-    print(f"encoder: {Path(args.out) / 'encoder.npz'} ({outcome.encoder.n_bits_} bits, fitted on "
+    record = outcome.summary.get("encoder", {})
+    chosen = record.get("choice", args.encoder)
+    scores = record.get("candidates") or {}
+    how = ("chosen on the validation images: " + ", ".join(
+        f"{name} {100 * v['map_at_k']:.2f}" for name, v in scores.items()) + f" mAP@{next(iter(scores.values()))['k']}"
+        if scores else "as asked")
+    print(f"encoder: {Path(args.out) / 'encoder.npz'} ({chosen}, {outcome.encoder.n_bits_} bits, {how}; fitted on "
           f"{outcome.n_encoder_images} images)")
     if "query_acc" in outcome.summary:
         print(f"query top-1 accuracy {outcome.summary['query_acc']:.4f} on {outcome.split.query.size} images")

@@ -85,8 +85,20 @@ class ExperimentConfig:
     finetune_budget_minutes: float = _doc("wall-time budget per full fine-tuning run; 0 = none",
                                           default=0.0)
     optimizer: str = _doc("optimizer (adamw, sgd)", default="adamw")
+    weight_decay: float = _doc("weight decay of training (not on biases and norm weights)", default=1e-4)
     batch_size: int = _doc("training and extraction batch size", default=64)
-    patience: int = _doc("early-stopping patience on validation accuracy (epochs)", default=3)
+    patience: int = _doc("early-stopping patience on the monitored validation value (epochs)", default=3)
+    augment: str = _doc("head-only augmentation of DFS-Net's training maps: none, flip (mirror half of each "
+                        "batch of cached maps), flip_image (also cache the mirrored images' maps)",
+                        default="flip")
+    monitor: str = _doc("what selects DFS-Net's head-only epoch: val_map (validation images' retrieval mAP "
+                        "against the training images) or val_acc; Ori's head (GAP + FC, whose features do not "
+                        "train) always uses val_acc", default="val_map")
+    mixup: float = _doc("head-only mixup of the hash-head networks' training maps (schemes 1-csq, 3-csq): "
+                        "Beta(alpha, alpha) weight, 0 = off; chosen on CIFAR-10's validation split",
+                        default=0.4)
+    learned_max_bits: int = _doc("longest hash head trained with the networks of schemes 1-csq and 3-csq "
+                                 "(one head per code length up to this; 0 = no hash-head networks)", default=256)
     dropout: float = _doc("dropout before the classifier", default=0.2)
     num_workers: int = _doc("data loader workers", default=0)
     threads: int = _doc("torch CPU threads during the run; 0 = torch's default", default=0)
@@ -302,6 +314,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         if ablation not in ablation_names():
             raise _unknown("ablations", ablation, ablation_names())
     check_choice(cfg.optimizer, OPTIMIZERS, name="optimizer")
+    check_choice(cfg.augment, ("none", "flip", "flip_image"), name="augment")
+    check_choice(cfg.monitor, ("val_acc", "val_map"), name="monitor")
     check_choice(cfg.precision, PRECISIONS, name="precision")
     torch_device(cfg.device)
     for key in ("epochs", "batch_size", "k", "pr_bits", "patience", "itq_max_bits"):

@@ -21,7 +21,7 @@ from typing import Any
 from dfsnet._io import atomic_write_text
 from dfsnet.experiments.paper import PAPER_TITLE, dataset_title, paper_network, paper_value
 from dfsnet.experiments.results import primary_ties, report_bits, rows_for
-from dfsnet.experiments.schemes import SCHEMES, float_schemes, hashed_schemes
+from dfsnet.experiments.schemes import NETWORKS, SCHEMES, float_schemes, hashed_schemes
 
 __all__ = ["write_report", "render_report", "scheme_table", "summary_rows", "rows_for"]
 
@@ -181,6 +181,14 @@ def render_report(results: dict, figures: dict[str, list[str]] | None = None) ->
               "means the first term of the comparison retrieves better.", ""]
     for s in results["settings"]:
         parts += [f"### {s['key']}", "", _steps_section(results, s, ties), ""]
+    selections = [s for s in results["settings"] if s.get("encoder_selection")]
+    if selections:
+        parts += ["## The default encoder, chosen on the validation split", "",
+                  "What `dfsnet train` keeps by default on DFS-Net: the candidate whose codes of the validation "
+                  "images retrieve the fit images best; the queries are never looked at. Query figures are those "
+                  "of the matching scheme (fitted on fit + val).", ""]
+        for s in selections:
+            parts += [f"### {s['key']}", "", _selection_section(s["encoder_selection"]), ""]
     if len(cfg["ties"]) > 1:
         parts += ["## Tie modes", "",
                   "Hamming distances take few values, so many database items tie. *stable* ranks "
@@ -253,11 +261,29 @@ def _steps_section(results: dict, s: dict, ties: str) -> str:
     steps += [
         (f"selecting and hashing to {b} bits, against float features", f"3 @ {b} − 2", ("3", b, "2", None)),
         (f"hashing all D = {d} features, against float features", f"3 @ {d} − 2", ("3", d, "2", None)),
+        (f"learned CSQ hash layer at {b} bits, against float features", f"3-csq @ {b} − 2",
+         ("3-csq", b, "2", None)),
+        (f"learned CSQ hash layer vs the paper's selection + hash at {b} bits", f"3-csq − 3 @ {b}",
+         ("3-csq", b, "3", b)),
+        (f"DFS module, with the learned CSQ hash at {b} bits", f"3-csq − 1-csq @ {b}", ("3-csq", b, "1-csq", b)),
     ]
     k = results["config"]["k"]
     rows = [[name, expr, pair(*args, "map_at_k"), pair(*args, "map_all")] for name, expr, args in steps
             if pair(*args, "map_at_k") != DASH]
     return _table(["step", "comparison", f"Δ mAP@{k}", "Δ mAP@all"], rows)
+
+
+def _selection_section(sel: dict) -> str:
+    k = next(iter(sel["validation"].values()))["k"]
+    rows = []
+    for name, v in sel["validation"].items():
+        q = sel["query"].get(name, {})
+        rows.append([("**" + name + "** (chosen)") if name == sel["choice"] else name, sel["schemes"][name],
+                     _pct(v["map_at_k"]), _pct(v["map_all"]), _pct(q.get("map_at_k")), _pct(q.get("map_all"))])
+    gap = sel.get("gap_to_best")
+    table = _table(["candidate", "scheme", f"val mAP@{k}", "val mAP@all", "query mAP@k", "query mAP@all"], rows)
+    return table + (f"\n\nAt {sel['bits']} bits; the choice is {100 * gap:.2f} mAP points below the best "
+                    "candidate on the queries." if gap is not None else "")
 
 
 def _ties_section(results: dict) -> str:
@@ -303,9 +329,8 @@ def _time_section(s: dict, ties: str) -> str:
 def _training_section(results: dict) -> str:
     rows = []
     for s in results["settings"]:
-        for net in ("ori", "dfs"):
-            n = s["networks"][net]
-            rows.append([s["key"], "Ori" if net == "ori" else "DFS-Net", n.get("source", DASH),
+        for net, n in s["networks"].items():
+            rows.append([s["key"], NETWORKS.get(net, net), n.get("source", DASH),
                          n.get("epochs", DASH), _pct(n.get("best_val_acc")), _pct(n.get("accuracy")),
                          f"{n['train_seconds']:.1f}" if n.get("train_seconds") is not None else DASH,
                          "yes" if n.get("cached") else "no"])

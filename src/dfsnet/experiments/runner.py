@@ -4,11 +4,15 @@ For each backbone x dataset x training mode ("setting") an experiment
 
 1. splits the pool (train source then test source) with a named protocol,
 2. trains the original network (Ori, ``dfs=False``) and DFS-Net (``dfs=True``), or reuses
-   given checkpoints, through :mod:`dfsnet.train.workflow`; head-only training runs on cached
-   frozen backbone maps, full fine-tuning starts from the head-trained network,
+   given checkpoints, through :mod:`dfsnet.train.workflow`, then the same two with CSQ hash
+   heads (one per code length up to ``learned_max_bits``) trained jointly with the classifier;
+   head-only training runs on cached frozen backbone maps, full fine-tuning starts from the
+   head-trained network; every head is seeded on its own, as in ``dfsnet train``,
 3. extracts features for the fit, validation, query and database images,
 4. evaluates every scheme of :data:`dfsnet.experiments.schemes.SCHEMES` the config enables with
-   :func:`dfsnet.eval.retrieval_eval` (selectors and hashers fitted on the train features only).
+   :func:`dfsnet.eval.retrieval_eval` (selectors and hashers fitted on the train features only;
+   the trained hash heads' codes directly), and records the encoder ``dfsnet train`` would
+   choose on the validation split against the queries (``encoder_selection``).
 
 Every stage is cached in the run folder (split, trained checkpoints, features, scores), so
 re-running the same config resumes where it stopped instead of retraining. Outputs:
@@ -33,6 +37,7 @@ from dfsnet.errors import InputError
 from dfsnet.experiments.config import ExperimentConfig, _unknown, config_from_dict, default_bits
 from dfsnet.experiments.results import RESULTS_SCHEMA, finite, write_results
 from dfsnet.experiments.schemes import (
+    HASH_NETWORKS,
     NETWORKS,
     Scheme,
     enabled_schemes,
@@ -248,17 +253,24 @@ def _probe_epoch_seconds(model, train_set, val_set, batch_size: int, num_workers
 
 def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: dict, pool, split,
                    parent: dict | None, net_dir: Path, maps_dir: Path, stages: StageLog,
-                   progress: bool):
-    """Train (or reuse) the Ori or DFS-Net network of a setting; returns (model, info dict)."""
+                   progress: bool, hash_bits: tuple[int, ...] | None = None):
+    """Train (or reuse) one network of a setting (see :data:`NETWORKS`); returns (model, info dict).
+
+    A network with ``hash_bits`` trains one CSQ hash head per code length beside its classifier;
+    the heads are saved as encoders ``net_dir/hash-<b>.npz``, listed in ``info["hash_heads"]``.
+    """
     import copy
 
     from dfsnet._io import atomic_write_text
-    from dfsnet.models import DFSNet, checkpoint_hash, load_checkpoint
-    from dfsnet.train.workflow import lightning_device, train_network, training_sets
+    from dfsnet.models import checkpoint_hash, load_checkpoint
+    from dfsnet.train.workflow import build_network, fitted_encoder, lightning_device, train_network, training_sets
 
     backbone, dataset, mode = setting["backbone"], setting["dataset"], setting["mode"]
-    expect = {"dfs": net == "dfs", "num_classes": len(pool.classes)}
+    dfs = net in ("dfs", "dfs_h")
+    expect = {"dfs": dfs, "num_classes": len(pool.classes)}
     given = _given_checkpoint(cfg, backbone, dataset, mode, net)
+    if given is not None and hash_bits:
+        raise InputError(f"checkpoints: {net} trains hash heads with the network; a given checkpoint has none")
     if given is not None:
         model, extra = load_checkpoint(given)
         if model.meta.dfs != expect["dfs"] or model.meta.num_classes != expect["num_classes"]:
@@ -271,10 +283,17 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
                        "train_seconds": None, "cached": False}
 
     start_from = None if parent is None else parent["networks"][net]["checkpoint"]
+    # Ori's head-only features are the frozen backbone's: nothing for a retrieval monitor or a
+    # map augmentation to improve, so it keeps the plain recipe.
+    augment = cfg.augment if dfs else "none"
+    monitor = cfg.monitor if dfs or hash_bits else "val_acc"
+    mixup = cfg.mixup if hash_bits else 0.0
     train_key = stage_key(
         mode=mode, backbone=backbone, pretrained=cfg.pretrained, dataset=dataset, split=setting["split_file_key"],
         image_size=setting["image_size"], seed=cfg.seed, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
-        patience=cfg.patience, dropout=cfg.dropout,
+        patience=cfg.patience, dropout=cfg.dropout, init="seeded-head", weight_decay=cfg.weight_decay,
+        **({"hash_bits": list(hash_bits)} if hash_bits else {}),
+        **({"augment": augment, "monitor": monitor, "mixup": mixup} if mode == "head" else {}),
         start_from=None if start_from is None else checkpoint_hash(start_from),
         **({"epochs": cfg.epochs, "lr": cfg.lr} if mode == "head" else
            {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "budget": cfg.finetune_budget_minutes}),
@@ -291,8 +310,9 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
                 logger.warning("network %s/%s: cached checkpoint unusable (%s); training again",
                                setting["key"], net, exc)
             else:
-                stages.hit(f"train-{net}", f"checkpoint {ckpt}, no retraining")
-                return model, {**done["info"], "cached": True}
+                if all(Path(p).is_file() for p in done["info"].get("hash_heads", {}).values()):
+                    stages.hit(f"train-{net}", f"checkpoint {ckpt}, no retraining")
+                    return model, {**done["info"], "cached": True}
         logger.info("network %s/%s: settings changed since the cached training; training again",
                     setting["key"], net)
         marker.unlink()
@@ -300,11 +320,14 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
 
     if start_from is not None:
         model, _ = load_checkpoint(start_from)
+        if hash_bits:
+            _attach_heads(model, _load_heads(parent["networks"][net]), hash_bits)
     else:
-        # The head is initialised from the global torch RNG as it stands: for DFS-Net, after
-        # the Ori training of the same setting. Kept so that results match earlier runs.
-        model = DFSNet(copy.deepcopy(backbone_module), len(pool.classes), dfs=net == "dfs",
-                       dropout=cfg.dropout, class_names=list(pool.classes))
+        # Seeded right before the head is built, as dfsnet train does: the same seed gives the
+        # same DFS-Net head here, after the Ori training, as there.
+        model = build_network(copy.deepcopy(backbone_module), len(pool.classes), dfs=dfs,
+                              dropout=cfg.dropout, class_names=list(pool.classes), seed=cfg.seed,
+                              hash_bits=hash_bits or None)
     extra = {"image_size": setting["image_size"], "dataset": dataset, "protocol": cfg.protocol,
              "split_seed": cfg.seed, "experiment": cfg.name}
     train_set, val_set = training_sets(pool, split, mode=mode, meta=model.meta.backbone,
@@ -329,18 +352,47 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
         result = train_network(model, train_set, val_set, mode=mode, out_dir=net_dir, seed=cfg.seed,
                                progress=progress, epochs=epochs, lr=lr, optimizer=cfg.optimizer,
                                batch_size=cfg.batch_size, resume=resume, patience=cfg.patience,
+                               weight_decay=cfg.weight_decay,
                                num_workers=cfg.num_workers, cache_dir=maps_dir, accelerator=accelerator,
-                               devices=devices, precision=cfg.precision, extra=extra)
-    info = finite({"source": "trained", "checkpoint": str(result.checkpoint),
+                               devices=devices, precision=cfg.precision, extra=extra,
+                               **({"augment": augment, "monitor": monitor, "mixup": mixup} if mode == "head" else {}))
+    head_files = {}
+    for b, hasher in result.hashers.items():
+        head_files[str(b)] = str(net_dir / f"hash-{b}.npz")
+        fitted_encoder(hasher).save(head_files[str(b)])
+    info = finite({"source": "trained", "checkpoint": str(result.checkpoint), "hash_heads": head_files,
                    "checkpoint_hash": checkpoint_hash(result.checkpoint), "best_val_acc": result.best_val_acc,
                    "epochs": result.epochs_run, "stopped_early": result.stopped_early,
                    "train_seconds": result.seconds, "map_cache_seconds": result.cache_seconds,
                    "lr": lr, "budget": budget, "history": result.history, "precision": result.precision,
-                   "cached": False})
+                   "augment": augment if mode == "head" else None, "monitor": monitor if mode == "head" else "val_acc",
+                   "best_val_map": result.best_val_map, "cached": False})
     atomic_write_text(marker, json.dumps({"key": train_key, "checkpoint": info["checkpoint"],
                                           "checkpoint_hash": info["checkpoint_hash"], "info": info},
                                          indent=1, allow_nan=False) + "\n")
     return model, info
+
+
+def _load_heads(info: dict) -> dict:
+    """``{b: fitted Encoder}`` of a network's saved hash heads (empty for one without)."""
+    from dfsnet.hashing import Encoder
+
+    return {int(b): Encoder.load(path) for b, path in info.get("hash_heads", {}).items()}
+
+
+def _attach_heads(model, heads: dict, hash_bits: tuple[int, ...]) -> None:
+    """Give a loaded network (saved without its hash layer) the trained heads back, to fine-tune on."""
+    import dataclasses
+
+    import torch
+
+    weight = np.concatenate([heads[b].hasher_.coef_.T for b in hash_bits])
+    bias = np.concatenate([heads[b].hasher_.intercept_ for b in hash_bits])
+    model.hash = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        model.hash.weight.copy_(torch.from_numpy(weight))
+        model.hash.bias.copy_(torch.from_numpy(bias))
+    model.meta = dataclasses.replace(model.meta, hash_bits=tuple(hash_bits) if len(hash_bits) > 1 else hash_bits[0])
 
 
 def _features(cfg: ExperimentConfig, model, setting: dict, pool, split, maps_dir: Path,
@@ -396,7 +448,7 @@ def _scheme_calls(cfg: ExperimentConfig, bits: list[int], n_train: int
     floats = {s.network: s for s in schemes if s.metric == "euclidean"}
     calls = []
     for s in schemes:
-        if s.metric == "euclidean":
+        if s.metric == "euclidean" or s.learned:
             continue
         use = _scheme_bits(cfg, s, bits, n_train)
         if not use:
@@ -417,7 +469,7 @@ def _train_part(part_feats: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([xf, xv]), np.concatenate([yf, yv])
 
 
-def _evaluate(cfg: ExperimentConfig, feats: dict, setting: dict, stages: StageLog, progress: bool):
+def _evaluate(cfg: ExperimentConfig, feats: dict, heads: dict, setting: dict, stages: StageLog, progress: bool):
     """Every scheme's rows (cached by the features and the evaluation settings) and PR curves."""
     from tqdm.auto import tqdm
 
@@ -428,7 +480,8 @@ def _evaluate(cfg: ExperimentConfig, feats: dict, setting: dict, stages: StageLo
     # bytes: the same weights can give last-bit differences between two runs of a conv kernel.
     eval_key = stage_key(features=setting["_features_key"], bits=setting["bits"], k=cfg.k, ties=cfg.ties,
                          ablations=cfg.ablations, itq_max_bits=cfg.itq_max_bits, pr_bits=cfg.pr_bits,
-                         seed=cfg.seed)
+                         seed=cfg.seed, learned_max_bits=cfg.learned_max_bits,
+                         schemes=sorted(s.id for s in enabled_schemes(cfg.ablations)))
     path = Path(setting["_dir"]) / "eval.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -436,8 +489,14 @@ def _evaluate(cfg: ExperimentConfig, feats: dict, setting: dict, stages: StageLo
             stages.hit("evaluate", str(path))
             return cached["rows"], cached["pr_curves"]
     rows = []
-    calls = _scheme_calls(cfg, setting["bits"], len(_train_part(feats["dfs"])[1]))
+    calls = [c for c in _scheme_calls(cfg, setting["bits"], len(_train_part(feats["dfs"])[1])) if c[0] in feats]
+    learned = [s for s in enabled_schemes(cfg.ablations) if s.learned and heads.get(s.network)]
     with stages.timed("evaluate"):
+        for scheme in learned:
+            net = scheme.network
+            found = _learned_rows(cfg, scheme, heads[net], feats[net]["query"], feats[net]["database"])
+            rows += [{"scheme": scheme.id, "network": net, **row} for row in found]
+            logger.info("evaluate %s: %s on %s features, %d rows", setting["key"], scheme.id, net, len(found))
         for net, kw, ids in tqdm(calls, desc="schemes", unit="scheme", disable=not progress):
             train = _train_part(feats[net])
             found = retrieval_eval(train[0], train[1], *feats[net]["query"], *feats[net]["database"],
@@ -447,14 +506,91 @@ def _evaluate(cfg: ExperimentConfig, feats: dict, setting: dict, stages: StageLo
                     rows.append({"scheme": ids[row["metric"]], "network": net, **row})
             logger.info("evaluate %s: %s on %s features, %d rows", setting["key"],
                         "/".join(ids.values()), net, len(found))
-        pr_curves = _pr_curves(cfg, feats)
+        pr_curves = _pr_curves(cfg, feats, heads)
     rows, pr_curves = finite(rows), finite(pr_curves)
     atomic_write_text(path, json.dumps({"key": eval_key, "rows": rows, "pr_curves": pr_curves},
                                        allow_nan=False) + "\n")
     return rows, pr_curves
 
 
-def _pr_curves(cfg: ExperimentConfig, feats: dict, n_points: int = 100) -> dict:
+def _learned_rows(cfg: ExperimentConfig, scheme: Scheme, heads: dict, query: tuple, database: tuple) -> list[dict]:
+    """:func:`dfsnet.eval.retrieval_eval`'s hashed rows for the trained hash heads ``{b: Encoder}``.
+
+    The database codes go into a :class:`dfsnet.index.HammingIndex` and every query is scored
+    on its ranking; ``fit_seconds`` is 0 (the heads trained with the network).
+    """
+    from dfsnet.eval.metrics import search_map
+    from dfsnet.eval.retrieval import ROW_KEYS
+    from dfsnet.index import HammingIndex
+
+    (q, yq), (db, ydb) = query, database
+    k = cfg.k
+    rows = []
+    for b, encoder in sorted(heads.items()):
+        start = time.perf_counter()
+        q_codes, db_codes = encoder.transform(q), encoder.transform(db)
+        encode_seconds = time.perf_counter() - start
+        index = HammingIndex(b)
+        index.add(db_codes)
+        start = time.perf_counter()
+        index.search(q_codes, min(k, db.shape[0]))
+        search_seconds = time.perf_counter() - start
+        scores = search_map(index.search, q_codes, yq, ydb, ks=[None, k], ties=tuple(cfg.ties))
+        del index
+        for mode in cfg.ties:
+            sc = scores[mode]
+            values = dict(method=scheme.hasher, bits=b, selector=None, hasher=scheme.hasher, metric="hamming",
+                          ties=mode, map_all=sc[None].map, map_at_k=sc[k].map, k=k,
+                          precision_at_k=sc[k].precision_at_k, fit_seconds=0.0,
+                          encode_seconds=encode_seconds, search_seconds=search_seconds,
+                          seconds_per_query=search_seconds / q.shape[0], bytes_per_item=int(db_codes.shape[1]))
+            rows.append({key: values[key] for key in ROW_KEYS})
+        logger.info("%s %d bits: mAP@all %.4f, mAP@%d %.4f", scheme.id, b, scores[cfg.ties[0]][None].map,
+                    k, scores[cfg.ties[0]][k].map)
+    return rows
+
+
+#: What ``dfsnet train``'s default encoder chooses from, as the schemes that score each candidate.
+SELECTION_SCHEMES = {"learned": "3-csq", "itq": "3h-itq", "paper": "gain ratio + sample-mean hash"}
+
+
+def _encoder_selection(cfg: ExperimentConfig, part_feats: dict, heads: dict) -> dict[str, Any] | None:
+    """``dfsnet train``'s default-encoder choice on DFS-Net with hash heads at ``pr_bits``, and the queries.
+
+    As ``dfsnet train`` does: the candidates (the trained hash head, ITQ and the paper's hash on
+    the same features) are compared by the validation images' mAP against the fit images
+    (:func:`dfsnet.train.workflow.select_encoder`; ITQ and the paper's hash fitted on the fit
+    part); each is then scored on the queries (ITQ and the paper's hash refitted on fit + val).
+    ``gap_to_best`` is how far the chosen one's query mAP@k is below the best candidate's.
+    """
+    from sklearn.base import clone
+
+    from dfsnet.eval.metrics import hamming_map
+    from dfsnet.train.workflow import encoder_candidates, select_encoder
+
+    b = cfg.pr_bits
+    if b not in heads:
+        return None
+    fit, val = part_feats["fit"], part_feats["val"]
+    candidates = encoder_candidates(fit[0].shape[1], b, n_train=fit[0].shape[0], learned=heads[b].hasher_)
+    choice, scores = select_encoder(candidates, fit, val)
+    (q, yq), (db, ydb) = part_feats["query"], part_feats["database"]
+    train = _train_part(part_feats)
+    query = {}
+    for name, encoder in candidates.items():
+        if not hasattr(encoder, "n_bits_"):
+            encoder = clone(encoder).fit(*train)
+        qc, dc = encoder.transform(q), encoder.transform(db)
+        query[name] = {"map_at_k": float(hamming_map(qc, dc, yq, ydb, k=cfg.k, ties=cfg.ties[0]).map),
+                       "map_all": float(hamming_map(qc, dc, yq, ydb, ties=cfg.ties[0]).map)}
+    gap = max(v["map_at_k"] for v in query.values()) - query[choice]["map_at_k"]
+    logger.info("default encoder at %d bits: %s chosen on validation; %.4f below the best on the queries",
+                b, choice, gap)
+    return {"bits": b, "network": "dfs_h", "choice": choice, "validation": scores, "query": query,
+            "gap_to_best": gap, "schemes": {n: SELECTION_SCHEMES[n] for n in candidates}}
+
+
+def _pr_curves(cfg: ExperimentConfig, feats: dict, heads: dict, n_points: int = 100) -> dict:
     """Mean precision and recall over the queries at ``n_points`` cut-offs (log-spaced ranks).
 
     One curve per scheme with ``pr_curve`` set; hashed ones at ``pr_bits`` bits.
@@ -468,13 +604,18 @@ def _pr_curves(cfg: ExperimentConfig, feats: dict, n_points: int = 100) -> dict:
         if not scheme.pr_curve:
             continue
         net = scheme.network
+        if net not in feats or (scheme.learned and b not in heads.get(net, {})):
+            continue
         (q, yq), (db, ydb) = feats[net]["query"], feats[net]["database"]
         if scheme.metric == "euclidean":
             label, bits, qx, dbx = f"{scheme.label} ({scheme.short})", None, q, db
         else:
             label, bits = f"{scheme.label} @ {b} bits", b
-            encoder = make_encoder(selector=scheme.selector, hasher=scheme.hasher, n_bits=b)
-            encoder.fit(*_train_part(feats[net]))
+            if scheme.learned:
+                encoder = heads[net][b]
+            else:
+                encoder = make_encoder(selector=scheme.selector, hasher=scheme.hasher, n_bits=b)
+                encoder.fit(*_train_part(feats[net]))
             qx, dbx = encoder.transform(q), encoder.transform(db)
         cutoffs = np.unique(np.geomspace(1, len(db), n_points).astype(np.int64)) - 1
         precision = np.zeros(cutoffs.size)
@@ -527,10 +668,15 @@ def _run_setting(cfg: ExperimentConfig, backbone: str, meta, dataset: str, mode:
     backbone_module = create_backbone(backbone, pretrained=cfg.pretrained) if parent is None else None
     maps_dir = cfg.run_dir / "cache" / "maps"
     features_dir = cfg.run_dir / "cache" / "features"
-    networks, feats = {}, {}
+    networks, feats, heads = {}, {}, {}
+    head_bits = tuple(b for b in sorted(bits) if b <= cfg.learned_max_bits)
     for net in NETWORKS:
+        if net in HASH_NETWORKS and not head_bits:
+            continue
         model, info = _train_network(cfg, net, backbone_module, setting, pool, split, parent,
-                                     sdir / net, maps_dir, stages, progress)
+                                     sdir / net, maps_dir, stages, progress,
+                                     hash_bits=head_bits if net in HASH_NETWORKS else None)
+        heads[net] = _load_heads(info)
         with stages.timed("features"):
             feats[net] = _features(cfg, model, setting, pool, split, maps_dir, features_dir, progress)
         info["accuracy"] = _query_accuracy(model, *feats[net]["query"])
@@ -544,7 +690,9 @@ def _run_setting(cfg: ExperimentConfig, backbone: str, meta, dataset: str, mode:
     setting["_features_key"] = stage_key(networks={n: networks[n]["checkpoint_hash"] for n in networks},
                                          pool=pool.fingerprint(), split=setting["split_file_key"],
                                          image_size=image_size, mode=mode)
-    setting["rows"], setting["pr_curves"] = _evaluate(cfg, feats, setting, stages, progress)
+    setting["rows"], setting["pr_curves"] = _evaluate(cfg, feats, heads, setting, stages, progress)
+    if "dfs_h" in feats:
+        setting["encoder_selection"] = _encoder_selection(cfg, feats["dfs_h"], heads["dfs_h"])
     setting["wall_seconds"] = stages.seconds
     setting["cached_stages"] = stages.cached
     return setting

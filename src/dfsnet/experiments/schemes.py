@@ -15,17 +15,27 @@ scheme      what
 3-fmean     Scheme 3 with a per-feature mean threshold (ablation)
 3-fmedian   Scheme 3 with a per-feature median threshold (ablation)
 itq         DFS-Net features + ITQ (no selection) (ablation)
+1-csq       Ori trained with CSQ hash heads: the head's codes, Hamming (beyond the paper)
+3-csq       DFS-Net trained with CSQ hash heads: the head's codes, Hamming (beyond the paper)
+3h-itq      ITQ on the features of the DFS-Net trained with hash heads (ablation)
 ==========  ======================================================================
+
+The hash heads (one linear layer on the pooled feature per code length b, exported as
+:class:`dfsnet.hashing.LinearHasher`) train jointly with the classifier, CE + CSQ loss, in one
+network per backbone (``dfs_h``, ``ori_h``); Schemes 1-3 keep the networks without them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Scheme", "SCHEMES", "NETWORKS", "ablation_names", "ablation_schemes", "enabled_schemes",
+__all__ = ["Scheme", "SCHEMES", "NETWORKS", "HASH_NETWORKS", "ablation_names", "ablation_schemes", "enabled_schemes",
            "float_schemes", "hashed_schemes", "scheme_entries"]
 
-#: Network keys, in training order: the paper's plain network ("Ori") and DFS-Net.
-NETWORKS = {"ori": "Ori", "dfs": "DFS-Net"}
+#: Network keys, in training order: the paper's plain network ("Ori") and DFS-Net, then the same two
+#: trained with learned hash heads beside the classifier (one CSQ head per code length, jointly).
+NETWORKS = {"ori": "Ori", "dfs": "DFS-Net", "ori_h": "Ori + hash heads", "dfs_h": "DFS-Net + hash heads"}
+#: The networks trained with hash heads, and the plain network each mirrors.
+HASH_NETWORKS = {"ori_h": "ori", "dfs_h": "dfs"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,10 @@ class Scheme:
     max_bits : str, optional
         ``"itq"``: code lengths are capped at the config's ``itq_max_bits`` and the number of
         train images (ITQ's PCA has no more axes).
+    learned : bool
+        The codes of a hash head trained with the network (``hasher`` names its loss); scored
+        by the runner itself rather than :func:`dfsnet.eval.retrieval_eval`. Code lengths are
+        capped at the config's ``learned_max_bits``.
     """
 
     id: str
@@ -79,6 +93,7 @@ class Scheme:
     step: tuple[str, str, str] | None = None
     paper_metric: str | None = None
     max_bits: str | None = None
+    learned: bool = False
 
     @property
     def metric(self) -> str:
@@ -117,6 +132,14 @@ SCHEMES: dict[str, Scheme] = {s.id: s for s in (
     Scheme("itq", "DFS-Net features + ITQ rotation (no selection), Hamming", "dfs", None, "itq",
            ablation="itq", color="tab:red", marker="D", headline=True,
            step=("gain ratio + hash vs ITQ at {b} bits", "3", "itq"), max_bits="itq"),
+    Scheme("1-csq", "Ori trained with a CSQ hash head, its codes, Hamming", "ori_h", None, "csq",
+           color="tab:purple", marker="x", linestyle=":", headline=True, learned=True),
+    Scheme("3-csq", "DFS-Net trained with a CSQ hash head, its codes, Hamming", "dfs_h", None, "csq",
+           color="tab:purple", marker="P", pr_curve=True, headline=True, learned=True,
+           step=("learned CSQ hash head vs ITQ on DFS-Net at {b} bits", "3-csq", "itq")),
+    Scheme("3h-itq", "ITQ on the features of DFS-Net trained with hash heads, Hamming", "dfs_h", None, "itq",
+           ablation="itq_hash_features", color="tab:pink", marker="*", max_bits="itq",
+           step=("CSQ hash head vs ITQ on the same features at {b} bits", "3-csq", "3h-itq")),
 )}
 
 

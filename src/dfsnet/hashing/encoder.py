@@ -27,10 +27,11 @@ from dfsnet._validation import (
 )
 from dfsnet.errors import InputError
 from dfsnet.hashing.itq import ITQHasher
+from dfsnet.hashing.learned import HASH_LOSSES, LinearHasher
 from dfsnet.hashing.threshold import THRESHOLDS, ThresholdHasher
 from dfsnet.selection import GainRatioSelector, RandomSelector
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "HASHERS", "SELECTORS", "Encoder", "make_encoder"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "FREE_LENGTH_HASHERS", "HASHERS", "SELECTORS", "Encoder", "make_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,13 @@ FORMAT_VERSION = 1
 
 #: Names accepted by :func:`make_encoder`.
 SELECTORS = ("gain_ratio", "random", None)
-HASHERS = THRESHOLDS + ("itq",)
+HASHERS = THRESHOLDS + ("itq",) + HASH_LOSSES
+#: Hashers whose code length is a free parameter (not one bit per selected feature).
+FREE_LENGTH_HASHERS = ("itq",) + HASH_LOSSES
 
 # Classes an encoder file may name; nothing else is ever instantiated on load.
-_CLASSES = {cls.__name__: cls for cls in (GainRatioSelector, RandomSelector, ThresholdHasher, ITQHasher)}
+_CLASSES = {cls.__name__: cls for cls in (GainRatioSelector, RandomSelector, ThresholdHasher, ITQHasher,
+                                          LinearHasher)}
 # Names files written by earlier versions use for a class in _CLASSES (read, never written).
 _LEGACY_CLASSES = {"MeanThresholdHasher": ThresholdHasher}
 
@@ -59,13 +63,14 @@ class Encoder(TransformerMixin, BaseEstimator):
     ----------
     selector : GainRatioSelector, RandomSelector or None
         None hashes the input columns as they are.
-    hasher : ThresholdHasher or ITQHasher
+    hasher : ThresholdHasher, ITQHasher or LinearHasher
+        A hasher that requires labels (LinearHasher) is fitted on ``(selected X, y)``.
 
     Attributes
     ----------
     selector_ : GainRatioSelector, RandomSelector or None
         The fitted selector.
-    hasher_ : ThresholdHasher or ITQHasher
+    hasher_ : ThresholdHasher, ITQHasher or LinearHasher
         The fitted hasher.
     n_bits_ : int
         Code length.
@@ -88,8 +93,9 @@ class Encoder(TransformerMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         # Packed uint8 codes, whatever the input dtype.
         tags.transformer_tags.preserves_dtype = []
-        if self.selector is not None and hasattr(self.selector, "__sklearn_tags__"):
-            tags.target_tags.required = get_tags(self.selector).target_tags.required
+        tags.target_tags.required = any(
+            step is not None and hasattr(step, "__sklearn_tags__") and get_tags(step).target_tags.required
+            for step in (self.selector, self.hasher))
         return tags
 
     def fit(self, X, y=None):
@@ -113,7 +119,7 @@ class Encoder(TransformerMixin, BaseEstimator):
         hasher = clone(self.hasher)
         if selector is not None:
             X = selector.fit(X, y).transform(X)
-        hasher.fit(X)
+        _fit_hasher(hasher, X, y)
         self.selector_, self.hasher_ = selector, hasher
         self.n_bits_ = int(hasher.n_bits_)
         self.n_features_in_ = int(selector.n_features_in_ if selector is not None else X.shape[1])
@@ -137,7 +143,7 @@ class Encoder(TransformerMixin, BaseEstimator):
             X = self.selector_.transform(X)
         return self.hasher_.transform(X)
 
-    def with_n_bits(self, n_bits: int, X=None) -> Encoder:
+    def with_n_bits(self, n_bits: int, X=None, y=None) -> Encoder:
         """A fitted encoder for a shorter (or, with ITQ, any) code length, derived from this one.
 
         - Threshold hasher with a selector: the new encoder keeps the selector's top ``n_bits``
@@ -151,6 +157,7 @@ class Encoder(TransformerMixin, BaseEstimator):
           parameters but ``n_bits`` is fitted on ``selector_.transform(X)``; ``X`` must be the
           training features (without it, ``InputError`` is raised). The result equals fitting
           the encoder with ``n_bits`` (same selector ranking, same ITQ fit).
+        - LinearHasher: refitted like ITQ, on ``X`` and the labels ``y``.
 
         ``n_bits == n_bits_`` returns a copy of this encoder.
 
@@ -159,7 +166,9 @@ class Encoder(TransformerMixin, BaseEstimator):
         n_bits : int
             Code length of the new encoder.
         X : array-like of float, shape (n, n_features_in_), optional
-            Training features; required for ITQ, ignored otherwise.
+            Training features; required for ITQ and LinearHasher, ignored otherwise.
+        y : array-like of int, shape (n,), optional
+            Training labels; required for LinearHasher.
 
         Returns
         -------
@@ -191,7 +200,7 @@ class Encoder(TransformerMixin, BaseEstimator):
                                  "the training features as X")
             X = validate_data(self, X, reset=False)
             hasher = clone(self.hasher_).set_params(n_bits=n_bits)
-            hasher.fit(X if selector is None else selector.transform(X))
+            _fit_hasher(hasher, X if selector is None else selector.transform(X), y)
         out = type(self)(selector=None if selector is None else clone(selector), hasher=clone(hasher))
         out.selector_, out.hasher_ = selector, hasher
         out.n_bits_ = int(hasher.n_bits_)
@@ -282,6 +291,14 @@ class Encoder(TransformerMixin, BaseEstimator):
         return encoder
 
 
+def _fit_hasher(hasher, X: np.ndarray, y) -> None:
+    """Fit ``hasher`` on ``X``, with the labels when it learns from them."""
+    if get_tags(hasher).target_tags.required:
+        hasher.fit(X, y)
+    else:
+        hasher.fit(X)
+
+
 def _describe(estimator, role: str, arrays: dict[str, np.ndarray]) -> dict:
     """JSON description of a fitted step; its learned arrays go into ``arrays``."""
     name = type(estimator).__name__
@@ -291,6 +308,8 @@ def _describe(estimator, role: str, arrays: dict[str, np.ndarray]) -> dict:
     for key, value in params.items():
         if isinstance(value, np.integer):
             params[key] = int(value)
+        elif isinstance(value, np.floating):
+            params[key] = float(value)
         elif value is not None and not isinstance(value, (bool, int, float, str)):
             raise TypeError(f"{role}.{key}: only None, bool, int, float or str can be saved, got {value!r}")
     saved = []
@@ -333,16 +352,18 @@ def make_encoder(selector: str | None = "gain_ratio", hasher: str = "sample_mean
     Parameters
     ----------
     selector : {"gain_ratio", "random", None}
-    hasher : {"sample_mean", "feature_mean", "feature_median", "zero", "itq"}
+    hasher : {"sample_mean", "feature_mean", "feature_median", "zero", "itq", "csq", "orthohash"}
         The first four are :class:`ThresholdHasher` rules (one bit per selected feature, so the
-        selector keeps ``n_bits`` features); ``"itq"`` is :class:`ITQHasher` with ``n_bits`` bits.
+        selector keeps ``n_bits`` features); ``"itq"`` is :class:`ITQHasher` with ``n_bits`` bits;
+        ``"csq"`` and ``"orthohash"`` are a :class:`LinearHasher` learned with that loss (needs
+        labels).
     n_bits : int or None
         Code length. Required, except for a threshold hasher without a selector, which makes one bit
         per input column (``n_bits`` must then be None).
     **kw
         ``discretizer``, ``n_bins`` (gain_ratio); ``random_state`` (random selector and itq);
-        ``n_iter`` (itq); ``n_features`` (selector output width with itq; default None keeps all
-        features, reordered).
+        ``n_iter`` (itq); ``lam``, ``epochs``, ``lr`` (csq, orthohash); ``n_features`` (selector
+        output width with itq, csq, orthohash; default None keeps all features, reordered).
 
     Returns
     -------
@@ -356,6 +377,12 @@ def make_encoder(selector: str | None = "gain_ratio", hasher: str = "sample_mean
         n_bits = check_positive_int(n_bits, name="n_bits")
         allowed |= {"random_state", "n_iter"} | ({"n_features"} if selector is not None else set())
         hash_step = ITQHasher(n_bits=n_bits, **{k: kw[k] for k in ("n_iter", "random_state") if k in kw})
+        n_features = kw.get("n_features")
+    elif hasher in HASH_LOSSES:
+        n_bits = check_positive_int(n_bits, name="n_bits")
+        learned = ("lam", "epochs", "lr", "random_state")
+        allowed |= set(learned) | ({"n_features"} if selector is not None else set())
+        hash_step = LinearHasher(n_bits=n_bits, loss=hasher, **{k: kw[k] for k in learned if k in kw})
         n_features = kw.get("n_features")
     else:
         hash_step = ThresholdHasher(threshold=hasher)

@@ -164,6 +164,7 @@ class DFSNetMeta(collections.abc.Mapping):
     dfs: bool
     dropout: float
     reduce_channels: int
+    hash_bits: int | tuple[int, ...] | None = None
 
     def __getattr__(self, key: str) -> Any:
         # Only reached for names that are not fields: forward the backbone's input conventions.
@@ -194,12 +195,18 @@ class DFSNetMeta(collections.abc.Mapping):
             "dfs": self.dfs,
             "dropout": self.dropout,
             "reduce_channels": self.reduce_channels,
+            "hash_bits": list(self.hash_bits) if isinstance(self.hash_bits, tuple) else self.hash_bits,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DFSNetMeta:
-        """Rebuild from :meth:`to_dict` output; malformed input raises ValueError."""
+        """Rebuild from :meth:`to_dict` output; malformed input raises ValueError.
+
+        ``hash_bits`` may be missing (a meta written before hash heads existed): None.
+        """
         names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(data, Mapping) and "hash_bits" not in data:
+            data = {**data, "hash_bits": None}
         if not isinstance(data, Mapping) or sorted(data) != sorted(names):
             found = sorted(data) if isinstance(data, Mapping) else type(data).__name__
             raise InputError(f"meta: expected keys {sorted(names)}, found {found}")
@@ -211,14 +218,30 @@ class DFSNetMeta(collections.abc.Mapping):
             dfs=bool(data["dfs"]),
             dropout=float(data["dropout"]),
             reduce_channels=int(data["reduce_channels"]),
+            hash_bits=_hash_bits(data["hash_bits"]),
         )
+
+
+def _hash_bits(value) -> int | tuple[int, ...] | None:
+    """``hash_bits`` checked: None, a positive int, or a sequence of them (one head each)."""
+    if value is None:
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        widths = tuple(check_positive_int(v, name="hash_bits") for v in value)
+        if not widths:
+            raise InputError("hash_bits: expected at least one code length, got an empty sequence")
+        return widths[0] if len(widths) == 1 else widths
+    return check_positive_int(value, name="hash_bits")
 
 
 class DFSNet(nn.Module):
     """DFS-Net: a CNN backbone, the DFS module, global average pooling, dropout and a linear classifier.
 
     With ``dfs=False`` it is the paper's "Ori" network (backbone + GAP + dropout + FC).
-    The classifier returns logits; ``nn.CrossEntropyLoss`` applies the softmax.
+    The classifier returns logits; ``nn.CrossEntropyLoss`` applies the softmax. With
+    ``hash_bits=b`` a b-bit linear hash layer sits on the pooled feature beside the classifier
+    (:meth:`head_outputs`, :meth:`hash_logits`); it trains jointly with the classifier and is
+    exported as a :class:`dfsnet.hashing.LinearHasher` (:meth:`export_hasher`).
 
     Parameters
     ----------
@@ -234,6 +257,9 @@ class DFSNet(nn.Module):
         One name per class, kept in :attr:`meta` and checkpoints.
     reduce_channels : int
         Width of the DFS module's 1x1 compression.
+    hash_bits : int, sequence of int, or None
+        Width of the hash layer; several widths train several hash heads at once, stored as the
+        consecutive output chunks of one linear layer (:attr:`hash_widths`); None for none.
 
     Attributes
     ----------
@@ -249,6 +275,7 @@ class DFSNet(nn.Module):
         dropout: float = 0.2,
         class_names: Sequence[str] | None = None,
         reduce_channels: int = 192,
+        hash_bits: int | None = None,
     ):
         super().__init__()
         if not isinstance(backbone, Backbone):
@@ -266,14 +293,19 @@ class DFSNet(nn.Module):
             if len(class_names) != num_classes:
                 raise InputError(f"class_names: expected {num_classes} names (num_classes), got {len(class_names)}")
         reduce_channels = check_positive_int(reduce_channels, name="reduce_channels")
+        hash_bits = _hash_bits(hash_bits)
         dim = backbone.meta.feature_dim
         self.backbone = backbone
         self.dfs = DFSModule(dim, dim, reduce_channels=reduce_channels) if dfs else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(float(dropout))
         self.fc = nn.Linear(dim, num_classes)
+        # Created after the classifier, so a network without it draws the same initial weights.
+        widths = () if hash_bits is None else (hash_bits if isinstance(hash_bits, tuple) else (hash_bits,))
+        self.hash = nn.Linear(dim, sum(widths)) if widths else None
         self.meta = DFSNetMeta(backbone=backbone.meta, num_classes=num_classes, class_names=class_names,
-                               dfs=bool(dfs), dropout=float(dropout), reduce_channels=reduce_channels)
+                               dfs=bool(dfs), dropout=float(dropout), reduce_channels=reduce_channels,
+                               hash_bits=hash_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits.
@@ -332,3 +364,80 @@ class DFSNet(nn.Module):
         torch.Tensor, float, shape (N, num_classes)
         """
         return self.fc(self.dropout(self.head_features(fmap)))
+
+    def head_outputs(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class logits and hash layer outputs from one pass over a backbone feature map.
+
+        Parameters
+        ----------
+        fmap : torch.Tensor, float, shape (N, D, h, w)
+
+        Returns
+        -------
+        logits : torch.Tensor, float, shape (N, num_classes)
+        hash_logits : torch.Tensor, float, shape (N, hash_bits), or None without a hash layer
+            Computed on the pooled feature without dropout, as at retrieval time.
+        """
+        feats = self.head_features(fmap)
+        logits = self.fc(self.dropout(feats))
+        return logits, (None if self.hash is None else self.hash(feats))
+
+    def hash_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Real-valued hash layer outputs of images; their signs are the codes.
+
+        Parameters
+        ----------
+        x : torch.Tensor, float, shape (N, 3, H, W)
+
+        Returns
+        -------
+        torch.Tensor, float, shape (N, hash_bits)
+        """
+        if self.hash is None:
+            raise InputError("hash_logits: this network has no hash layer (built with hash_bits=None)")
+        return self.hash(self.features(x))
+
+    @property
+    def hash_widths(self) -> tuple[int, ...]:
+        """Code length of each hash head, in the order of the hash layer's output chunks."""
+        bits = self.meta.hash_bits
+        return () if bits is None else (bits if isinstance(bits, tuple) else (bits,))
+
+    def export_hasher(self, n_bits: int | None = None):
+        """A trained hash head as a fitted :class:`dfsnet.hashing.LinearHasher` on pooled features.
+
+        Parameters
+        ----------
+        n_bits : int, optional
+            Which head; may be omitted when there is one.
+
+        Returns
+        -------
+        dfsnet.hashing.LinearHasher
+            ``transform(features float (n, D)) -> uint8 (n, ceil(n_bits / 8))``.
+        """
+        from dfsnet.hashing import LinearHasher
+
+        widths = self.hash_widths
+        if not widths:
+            raise InputError("export_hasher: this network has no hash layer (built with hash_bits=None)")
+        if n_bits is None:
+            if len(widths) > 1:
+                raise InputError(f"n_bits: this network has hash heads of {list(widths)} bits; name one")
+            n_bits = widths[0]
+        if n_bits not in widths:
+            raise InputError(f"n_bits: this network has hash heads of {list(widths)} bits, not {n_bits}")
+        start = sum(widths[:widths.index(n_bits)])
+        rows = slice(start, start + n_bits)
+        return LinearHasher.from_weights(self.hash.weight.detach()[rows].float().cpu().numpy(),
+                                         self.hash.bias.detach()[rows].float().cpu().numpy())
+
+    def export_hashers(self) -> dict:
+        """``{n_bits: LinearHasher}`` of every hash head (empty without a hash layer)."""
+        return {b: self.export_hasher(b) for b in self.hash_widths}
+
+    def without_hash(self) -> DFSNet:
+        """Drop the hash layer (in place), e.g. once it is exported; returns self."""
+        self.hash = None
+        self.meta = dataclasses.replace(self.meta, hash_bits=None)
+        return self

@@ -8,17 +8,23 @@ the same encoder whichever entry point runs them:
   (augmented in full mode) and the seeded call of :func:`dfsnet.train.train_model`;
 - :func:`part_features` and :func:`train_part_features`: pooled features of a split's parts,
   through the cached frozen-backbone maps in head mode;
+- :func:`build_network`: the network, its head initialised from a seed of its own, so that
+  ``dfsnet train`` and ``dfsnet experiment`` give identical weights for the same seed;
 - :func:`build_encoder`, :func:`fit_encoder` and :func:`fit_encoder_on_folder`: the selector +
-  hasher with the CLI's defaults (gain ratio, sample-mean threshold, 128 bits).
+  hasher with the CLI's defaults (gain ratio, sample-mean threshold, 128 bits);
+- :func:`encoder_candidates` and :func:`select_encoder`: ``dfsnet train``'s default encoder,
+  the best on the validation split of the learned hash head, ITQ and the paper's hash.
 
 Importing this module is cheap (no torch); torch, Lightning and timm load inside the functions.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +43,14 @@ __all__ = [
     "MODES",
     "DEFAULT_BITS",
     "DEVICE_HELP",
+    "ENCODERS",
+    "HASH_HEADS",
     "TrainingOutcome",
     "build_encoder",
+    "build_network",
+    "encoder_candidates",
+    "fitted_encoder",
+    "select_encoder",
     "check_encoder_fits",
     "fit_encoder",
     "fit_encoder_on_folder",
@@ -59,6 +71,14 @@ MODES = ("head", "full")
 #: Code length of an encoder fitted with a selector (or ITQ) when none is given.
 DEFAULT_BITS = 128
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
+#: ``dfsnet train --encoder``: ``auto`` picks the best on the validation split of ``learned``
+#: (the network's hash head), ``itq`` and ``paper`` (gain ratio + sample-mean hash, Scheme 3);
+#: ``custom`` is ``--selector`` + ``--hasher``.
+ENCODERS = ("auto", "learned", "itq", "paper", "custom")
+#: Hash heads trained jointly with the classifier (``none``: a plain classifier).
+HASH_HEADS = ("csq", "orthohash", "none")
+#: Candidates of ``encoder="auto"``, in order of preference on equal validation mAP.
+_AUTO_CANDIDATES = ("learned", "itq", "paper")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,9 +149,10 @@ def build_encoder(feature_dim: int, *, selector: str | None = "gain_ratio", hash
     dfsnet.hashing.Encoder
     """
     from dfsnet.hashing import make_encoder
+    from dfsnet.hashing.encoder import FREE_LENGTH_HASHERS
 
     selector = _selector_name(selector)
-    if selector is None and hasher != "itq":
+    if selector is None and hasher not in FREE_LENGTH_HASHERS:
         if n_bits not in (None, feature_dim):
             raise InputError(f"bits: with no selector, hasher {hasher!r} makes one bit per feature, i.e. "
                              f"{feature_dim} bits for this backbone; got {n_bits}. Choose a selector or "
@@ -141,6 +162,125 @@ def build_encoder(feature_dim: int, *, selector: str | None = "gain_ratio", hash
     if n_bits > feature_dim:
         raise InputError(f"bits: expected at most the backbone's feature width {feature_dim}, got {n_bits}")
     return make_encoder(selector=selector, hasher=hasher, n_bits=n_bits)
+
+
+def build_network(backbone, num_classes: int, *, dfs: bool = True, dropout: float = 0.2,
+                  class_names=None, hash_bits: int | None = None, seed: int = 0) -> DFSNet:
+    """A :class:`DFSNet` whose new layers are initialised from ``seed`` alone.
+
+    The global torch RNG is seeded right before the head is built, so the same seed gives the
+    same initial head whatever ran before (``dfsnet experiment`` trains Ori first,
+    ``dfsnet train`` does not).
+    """
+    import torch
+
+    from dfsnet.models import DFSNet
+
+    torch.manual_seed(seed)
+    return DFSNet(backbone, num_classes, dfs=dfs, dropout=dropout, class_names=class_names, hash_bits=hash_bits)
+
+
+def fitted_encoder(hasher) -> Encoder:
+    """An :class:`Encoder` (no selector) around an already fitted hasher, e.g. an exported hash head."""
+    from sklearn.base import clone
+
+    from dfsnet.hashing import Encoder
+
+    encoder = Encoder(selector=None, hasher=clone(hasher))
+    encoder.selector_, encoder.hasher_ = None, hasher
+    encoder.n_bits_, encoder.n_features_in_ = int(hasher.n_bits_), int(hasher.n_features_in_)
+    return encoder
+
+
+def encoder_candidates(feature_dim: int, n_bits: int, *, n_train: int, learned=None) -> dict[str, Encoder]:
+    """The encoders ``encoder="auto"`` compares: ``{name: encoder}`` in order of preference.
+
+    Parameters
+    ----------
+    feature_dim : int
+    n_bits : int
+        Code length of all of them.
+    n_train : int
+        Images they are fitted on (ITQ is left out when ``n_bits`` exceeds it).
+    learned : LinearHasher, optional
+        The network's trained hash head; ``"learned"`` is a fitted encoder around it.
+
+    Returns
+    -------
+    dict of str to Encoder
+        ``"learned"`` fitted, the others unfitted.
+    """
+    out: dict[str, Encoder] = {}
+    if learned is not None:
+        if learned.n_bits_ != n_bits:
+            raise InputError(f"bits: the hash head has {learned.n_bits_} bits, the other candidates {n_bits}")
+        out["learned"] = fitted_encoder(learned)
+    if n_bits <= min(feature_dim, n_train):
+        out["itq"] = build_encoder(feature_dim, selector=None, hasher="itq", n_bits=n_bits)
+    out["paper"] = build_encoder(feature_dim, selector="gain_ratio", hasher="sample_mean", n_bits=n_bits)
+    return out
+
+
+#: Share of the ranked validation images that the selection's mAP@k looks at: mAP@1000 over
+#: CIFAR-10's 54,000-image database looks at its top 2 %.
+SELECT_TOP_FRACTION = 0.02
+
+
+def select_encoder(candidates: dict[str, Encoder], fit: tuple[np.ndarray, np.ndarray],
+                   val: tuple[np.ndarray, np.ndarray], *, k: int | None = None) -> tuple[str, dict[str, dict]]:
+    """The candidate whose validation codes retrieve best; never looks at the queries.
+
+    Unfitted candidates are fitted on ``fit``. Each validation image is then a query against the
+    *other* validation images (leave-one-out), ranked by Hamming distance with ties at their
+    expected order. Both sides are images no candidate was fitted on: ranked against the fit
+    images instead, a hash head that memorised them (every fit image on its class centre) looks
+    far better than it retrieves new images (on CIFAR-10, 0.75 against 0.56 on the queries).
+
+    Parameters
+    ----------
+    candidates : dict of str to Encoder
+        From :func:`encoder_candidates`; fitted ones are used as they are.
+    fit, val : (features float32 (n, D), labels int64 (n,))
+        The fit and validation parts of the training split; at least 2 validation images.
+    k : int, optional
+        Cut-off of the mAP that decides (capped at the other validation images); default the
+        top :data:`SELECT_TOP_FRACTION` of them, at least 5, since retrieval is judged at the top
+        of a ranking far longer than the validation set (measured on CIFAR-10: against the
+        whole ranking, mAP@all, a CSQ head and ITQ tie on validation while ITQ is 13 points
+        better at mAP@1000 on the queries). mAP@all is recorded too.
+
+    Returns
+    -------
+    name : str
+        Highest validation mAP@k; on a tie, the earlier candidate.
+    scores : dict
+        ``{name: {"map_at_k", "map_all", "k"}}``.
+    """
+    from sklearn.base import clone
+
+    from dfsnet.eval.metrics import mean_average_precision
+    from dfsnet.hashing import hamming_distances
+
+    (xf, yf), (xv, yv) = fit, val
+    n = xv.shape[0]
+    if n < 2:
+        raise InputError(f"val: the encoder is chosen on the validation images; expected at least 2, got {n}")
+    k = min(max(5, math.ceil(SELECT_TOP_FRACTION * (n - 1))) if k is None else k, n - 1)
+    others = ~np.eye(n, dtype=bool)
+    scores: dict[str, dict] = {}
+    for name, encoder in candidates.items():
+        if not hasattr(encoder, "n_bits_"):
+            encoder = clone(encoder).fit(xf, yf)
+        codes = encoder.transform(xv)
+        d = hamming_distances(codes, codes)[others].reshape(n, n - 1)
+        db_labels = np.broadcast_to(yv, (n, n))[others].reshape(n, n - 1)
+        ap = {cut: np.mean([mean_average_precision(yv[i:i + 1], db_labels[i], distances=d[i:i + 1], k=cut,
+                                                   ties="expected") for i in range(n)]) for cut in (k, None)}
+        scores[name] = {"map_at_k": float(ap[k]), "map_all": float(ap[None]), "k": k}
+        logger.info("encoder candidate %s: validation (leave-one-out) mAP@%d %.4f, mAP@all %.4f", name, k,
+                    scores[name]["map_at_k"], scores[name]["map_all"])
+    best = max(scores, key=lambda n: scores[n]["map_at_k"])  # max keeps the first of equal values
+    return best, scores
 
 
 def check_encoder_fits(encoder: Encoder, n_train: int) -> None:
@@ -243,13 +383,10 @@ def train_network(model: DFSNet, fit_set, val_set, *, mode: str, out_dir: str | 
     """Seed, then :func:`dfsnet.train.train_model` (which trains ``model`` in place).
 
     ``train_kwargs`` go to :func:`~dfsnet.train.train_model` unchanged (epochs, lr, optimizer,
-    batch_size, patience, resume, cache_dir, accelerator, devices, extra, ...).
+    batch_size, patience, resume, cache_dir, accelerator, devices, extra, augment, monitor, ...).
     """
-    import torch
-
     from dfsnet.train.trainer import train_model
 
-    torch.manual_seed(seed)
     return train_model(model, fit_set, val_set, mode=mode, out_dir=out_dir, seed=seed, progress=progress,
                        **train_kwargs)
 
@@ -327,8 +464,7 @@ class TrainingOutcome:
     @property
     def best_epoch(self) -> int:
         """1-based epoch of the exported model (0 when no epoch ran)."""
-        history = self.result.history
-        return max(history, key=lambda e: e["val_acc"])["epoch"] + 1 if history else 0
+        return self.result.best_epoch + 1
 
 
 def train_and_fit(
@@ -369,15 +505,37 @@ def train_and_fit(
     selector: str | None = "gain_ratio",
     hasher: str = "sample_mean",
     n_bits: int | None = None,
+    encoder: str = "auto",
+    hash_head: str = "auto",
+    hash_weight: float = 1.0,
+    hash_lam: float = 1e-4,
+    augment: str | None = None,
+    monitor: str | None = None,
+    mixup: float | None = None,
+    refit: bool = False,
     eval_queries: bool = False,
     progress: bool = False,
 ) -> TrainingOutcome:
     """``dfsnet train``: train DFS-Net (or Ori), then fit its encoder on the train part's features.
 
-    Writes ``out_dir/{model.safetensors, split.json, encoder.npz, train_summary.json}`` (see
+    Writes ``out_dir/{model.safetensors, split.json, encoder.npz, train_summary.json}`` and, with
+    a hash head, ``out_dir/hash_head.npz`` (that head as an encoder, whichever was chosen) (see
     :func:`dfsnet.train.train_model` for the checkpoints and logs). The encoder settings are
     checked before any training. ``accelerator``/``devices`` (Lightning's, e.g. for DDP) default
     to what ``device`` names. Every keyword has the CLI flag's default.
+
+    ``encoder`` (:data:`ENCODERS`): ``"auto"`` trains a ``hash_head`` beside the classifier and
+    keeps, of that head, ITQ and the paper's hash, the one whose codes of the validation images
+    retrieve the fit images best (:func:`select_encoder`); the choice and every candidate's
+    validation mAP go to ``train_summary.json`` (``encoder``). ``"paper"`` is exactly Scheme 3
+    (no hash head; gain ratio + sample-mean hash); ``"custom"`` is ``selector`` + ``hasher``.
+    ``hash_head="auto"`` is ``"csq"`` for ``encoder`` auto or learned, else ``"none"``.
+    ``mixup`` defaults to 0.4 in head mode with a hash head, else 0.
+    ``augment`` and ``monitor`` default to ``"flip"`` and ``"val_map"`` in head mode (``"none"``
+    and ``"val_acc"`` in full mode, and ``"val_acc"`` for Ori without a hash head, whose
+    head-only features do not train); see :func:`dfsnet.train.train_model`. ``refit`` trains the
+    network again from the same initial weights on fit + validation images for the selected
+    number of epochs, and gives that network the selected kind of encoder.
 
     Returns
     -------
@@ -386,8 +544,9 @@ def train_and_fit(
     import torch
 
     from dfsnet._io import atomic_write_text
+    from dfsnet._validation import check_choice
     from dfsnet.data import Split, build_transforms, load_pool, make_split
-    from dfsnet.models import DFSNet, create_backbone, load_checkpoint, read_checkpoint_meta
+    from dfsnet.models import create_backbone, load_checkpoint, read_checkpoint_meta
     from dfsnet.train.evaluate import evaluate_accuracy
 
     out = Path(out_dir)
@@ -403,7 +562,24 @@ def train_and_fit(
     else:
         backbone_module = create_backbone(backbone, pretrained=pretrained and weights is None, weights=weights)
         backbone_meta = backbone_module.meta
-    encoder = build_encoder(backbone_meta.feature_dim, selector=selector, hasher=hasher, n_bits=n_bits)
+    check_choice(encoder, ENCODERS, name="encoder")
+    check_choice(hash_head, HASH_HEADS + ("auto",), name="hash_head")
+    if hash_head == "auto":
+        hash_head = "csq" if encoder in ("auto", "learned") else "none"
+    if encoder == "learned" and hash_head == "none":
+        raise InputError("encoder: 'learned' needs a hash head; pass hash_head csq or orthohash")
+    n_bits_used = n_bits or DEFAULT_BITS
+    hash_bits = None if hash_head == "none" else n_bits_used
+    augment = augment or ("flip" if mode == "head" else "none")
+    # Chosen on CIFAR-10's validation split: mixup helps the hash head, not the paper's hash.
+    mixup = (0.4 if mode == "head" and hash_bits else 0.0) if mixup is None else mixup
+    # Ori's head-only features (GAP of the frozen maps) do not train: only its hash head could.
+    monitor = monitor or ("val_map" if mode == "head" and (dfs or hash_bits) else "val_acc")
+    fixed = {"custom": (selector, hasher, n_bits), "paper": ("gain_ratio", "sample_mean", n_bits_used),
+             "itq": (None, "itq", n_bits_used)}.get(encoder)
+    # Checked before any training: the settings of a fixed encoder, or the auto candidates' length.
+    the_encoder = build_encoder(backbone_meta.feature_dim, selector=fixed[0], hasher=fixed[1], n_bits=fixed[2]) \
+        if fixed else build_encoder(backbone_meta.feature_dim, selector="gain_ratio", n_bits=n_bits_used)
     size = image_size or backbone_meta.input_size[-1]
     pool = load_pool(source, root=data, download=download,
                      transform=build_transforms(backbone_meta, train=False, image_size=size))
@@ -413,8 +589,13 @@ def train_and_fit(
         if model.meta.class_names is not None and list(model.meta.class_names) != list(pool.classes):
             raise InputError(f"init: checkpoint {init} was made for the classes {list(model.meta.class_names)}, "
                              f"but the data has {list(pool.classes)}")
+        if hash_bits is not None:  # a head-trained checkpoint has none: a fresh one, seeded
+            torch.manual_seed(seed)
+            model.hash = torch.nn.Linear(model.meta.feature_dim, hash_bits)
+            model.meta = replace(model.meta, hash_bits=hash_bits)
     else:
-        model = DFSNet(backbone_module, n_classes, dfs=dfs, dropout=dropout, class_names=pool.classes)
+        model = build_network(backbone_module, n_classes, dfs=dfs, dropout=dropout, class_names=pool.classes,
+                              hash_bits=hash_bits, seed=seed)
 
     if split:
         the_split = Split.load(split, expect_fingerprint=pool.fingerprint())
@@ -427,35 +608,82 @@ def train_and_fit(
     if the_split.val.size == 0:
         raise InputError(f"val_fraction: the {the_split.protocol} split leaves no validation images "
                          f"({the_split.sizes()}); raise the validation fraction or use more images per class")
-    check_encoder_fits(encoder, the_split.train.size)
+    check_encoder_fits(the_encoder, the_split.train.size)
     the_split.save(out / "split.json")
     fit_set, val_set = training_sets(pool, the_split, mode=mode, meta=backbone_meta, image_size=size)
     logger.info("training %s (%s, %s mode, %d px) on %d images, validating on %d; split %s %s",
                 "DFS-Net" if dfs else "Ori", backbone_meta.name, mode, size, len(fit_set), len(val_set),
                 the_split.protocol, the_split.sizes())
-    result = train_network(
-        model, fit_set, val_set, mode=mode, out_dir=out, seed=seed, progress=progress, epochs=epochs, lr=lr,
-        weight_decay=weight_decay, optimizer=optimizer, backbone_lr_mult=backbone_lr_mult,
-        warmup_epochs=warmup_epochs, batch_size=batch_size, resume=resume, patience=patience,
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
-        num_workers=num_workers, cache_dir=cache_dir,
-        extra={"image_size": size, "source": source, "data": str(data) if data else None,
-               "split_protocol": the_split.protocol, "split_seed": the_split.seed},
-    )
+    common = dict(mode=mode, seed=seed, progress=progress, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+                  backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs, batch_size=batch_size,
+                  resume=resume, accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                  precision=precision, num_workers=num_workers, cache_dir=cache_dir, augment=augment,
+                  hash_loss="csq" if hash_head == "none" else hash_head, hash_weight=hash_weight,
+                  hash_lam=hash_lam, mixup=mixup,
+                  extra={"image_size": size, "source": source, "data": str(data) if data else None,
+                         "split_protocol": the_split.protocol, "split_seed": the_split.seed})
+    initial = copy.deepcopy(model.state_dict()) if refit else None
+    result = train_network(model, fit_set, val_set, out_dir=out, epochs=epochs, patience=patience, monitor=monitor,
+                           **common)
     outcome = TrainingOutcome(result=result, model=model, split=the_split)
     if not result.is_global_zero:  # another DDP process: rank zero fits and writes the encoder
         return outcome
 
-    # Fitted on the train part (fit + val), as in the paper.
-    features, labels = train_part_features(model, pool, the_split, mode=mode,
-                                           maps_cache_dir=cache_dir or out / "cache", batch_size=batch_size,
-                                           num_workers=num_workers, device=device, precision=precision,
-                                           progress=progress)
-    encoder.fit(features, labels)
-    encoder.save(out / "encoder.npz")
-    outcome.encoder, outcome.n_encoder_images = encoder, int(features.shape[0])
-    summary: dict[str, Any] = {"val_acc": result.best_val_acc, "epochs": result.epochs_run,
-                               "seconds": result.seconds, "precision": result.precision}
+    maps_dir = cache_dir or out / "cache"
+    feats = {part: part_features(model, the_split.subset(pool, part), mode=mode, maps_cache_dir=maps_dir,
+                                 batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                                 progress=progress) for part in ("fit", "val")}
+    record: dict[str, Any] = {"choice": encoder, "selected_on": None, "n_bits": None, "candidates": {}}
+    choice = encoder
+    if encoder == "auto":
+        candidates = encoder_candidates(model.meta.feature_dim, n_bits_used, n_train=feats["fit"][0].shape[0],
+                                        learned=result.hasher)
+        choice, record["candidates"] = select_encoder(candidates, feats["fit"], feats["val"])
+        record.update(choice=choice, selected_on="validation")
+        logger.info("encoder: %s has the best validation mAP@%d (%.4f) of %s", choice,
+                    record["candidates"][choice]["k"], record["candidates"][choice]["map_at_k"],
+                    ", ".join(candidates))
+    epochs_run, val_acc = result.epochs_run, result.best_val_acc
+    if refit:
+        refit_epochs = max(1, result.best_epoch + 1)
+        model.load_state_dict(initial)
+        logger.info("refit: training again on the fit + validation images for %d epoch(s)", refit_epochs)
+        train_tf = build_transforms(backbone_meta, train=True, image_size=size) if mode == "full" else None
+        train_set = the_split.subset(pool, "train", transform=train_tf)
+        result = train_network(model, train_set, val_set, out_dir=out / "refit", epochs=refit_epochs,
+                               patience=None, monitor="val_acc", **common)
+        outcome.result = result
+        feats = {"train": part_features(model, the_split.subset(pool, "train"), mode=mode, maps_cache_dir=maps_dir,
+                                        batch_size=batch_size, num_workers=num_workers, device=device,
+                                        precision=precision, progress=progress)}
+        # The refitted network is the one to index with; the selection stands.
+        os.replace(result.checkpoint, out / "model.safetensors")
+        result.checkpoint = out / "model.safetensors"
+    features = np.concatenate([f for f, _ in feats.values()])
+    labels = np.concatenate([y for _, y in feats.values()])
+    if choice == "learned":
+        if result.hasher is None:
+            raise InputError("encoder: 'learned' needs a hash head; this network was trained without one")
+        final = fitted_encoder(result.hasher)
+    elif choice in ("itq", "paper"):
+        final = encoder_candidates(model.meta.feature_dim, n_bits_used, n_train=features.shape[0])[choice]
+    else:
+        final = the_encoder
+    if not hasattr(final, "n_bits_"):  # fitted on the train part (fit + val), as in the paper
+        check_encoder_fits(final, features.shape[0])
+        final.fit(features, labels)
+    final.save(out / "encoder.npz")
+    if result.hasher is not None:  # kept whatever was chosen: one file away for index build
+        fitted_encoder(result.hasher).save(out / "hash_head.npz")
+    record["n_bits"] = int(final.n_bits_)
+    outcome.encoder, outcome.n_encoder_images = final, int(features.shape[0])
+    summary: dict[str, Any] = {"val_acc": val_acc, "epochs": epochs_run,
+                               "seconds": result.seconds, "precision": result.precision,
+                               "monitor": monitor, "augment": augment, "mixup": mixup, "hash_head": hash_head,
+                               "val_map": None if result.best_val_map != result.best_val_map else result.best_val_map,
+                               "encoder": record}
+    if refit:
+        summary["refit_epochs"] = result.epochs_run
     if eval_queries and the_split.query.size:
         summary["query_acc"] = evaluate_accuracy(model, the_split.subset(pool, "query"), batch_size=batch_size,
                                                  num_workers=num_workers, device=torch_device(device),
