@@ -351,3 +351,22 @@ def test_precision_is_recorded_and_an_index_is_searchable_in_the_other(world, tm
     plain = ImageIndex.build(world["ckpt"], world["images"] / "class_0", tmp_path / "fp32", bits=BITS,
                              fit_on=world["images"], device="cpu")
     assert plain.manifest["precision"] == "fp32"
+
+
+def test_the_training_encoder_choice_is_recorded_and_shown(world, tmp_path, capsys):
+    import json
+
+    from dfsnet.cli import main
+
+    ckpt = _tiny_checkpoint(tmp_path / "model")
+    _encoder_beside(ckpt, world["images"], BITS)
+    selection = {"choice": "itq", "selected_on": "validation", "n_bits": BITS,
+                 "candidates": {"learned": {"map_at_k": 0.61, "map_all": 0.6, "k": 50},
+                                "itq": {"map_at_k": 0.72, "map_all": 0.7, "k": 50}}}
+    (ckpt.parent / "train_summary.json").write_text(json.dumps({"val_acc": 0.9, "encoder": selection}))
+    index = ImageIndex.build(ckpt, world["images"], tmp_path / "idx", device="cpu")
+    assert index.manifest["encoder"]["selection"] == selection and index.info()["encoder"]["selection"] == selection
+    assert main(["index", "info", str(tmp_path / "idx")]) == 0
+    assert "itq at 32 bits, by validation mAP@50 (learned 61.00, itq 72.00)" in capsys.readouterr().out
+    plain = ImageIndex.build(ckpt, world["images"], tmp_path / "fit", bits=BITS, fit_on=world["images"], device="cpu")
+    assert plain.manifest["encoder"]["selection"] is None  # fitted here, not chosen by training

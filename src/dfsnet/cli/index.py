@@ -263,6 +263,7 @@ def _info(args) -> int:
         ("encoder", (f"fitted on {info['encoder']['fit_images']} of the indexed images, no labels"
                      if info["encoder"]["source"] == "collection" else info["encoder"]["source"])
                     + f" {json.dumps(info['encoder']['params'])}"),
+        *([("chosen", _selection_text(info["encoder"]["selection"]))] if info["encoder"].get("selection") else []),
         ("features", "stored (re-ranking available)" if info["has_features"] else "not stored"),
         ("labels", f"{len(labels)}: {shown}{' ...' if len(labels) > 12 else ''}"),
         ("skipped", f"{info['stats']['n_bad']} unreadable, {info['stats']['n_duplicates']} duplicates"),
@@ -272,6 +273,15 @@ def _info(args) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _selection_text(selection: dict) -> str:
+    """`dfsnet train`'s encoder choice, with each candidate's validation mAP."""
+    candidates = selection.get("candidates") or {}
+    figures = ", ".join(f"{name} {100 * c['map_at_k']:.2f}" for name, c in candidates.items()
+                        if isinstance(c, dict) and isinstance(c.get("map_at_k"), (int, float)))
+    return (f"{selection.get('choice')} at {selection.get('n_bits')} bits, by validation mAP@"
+            f"{next(iter(candidates.values()), {}).get('k', '?')} ({figures})")
 
 
 def _verify(args) -> int:

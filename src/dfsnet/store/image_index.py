@@ -17,6 +17,7 @@ removed under the write lock. Writers of one folder are serialised with ``fcntl.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -691,7 +692,7 @@ class ImageIndex:
             "num_classes": m["model"]["num_classes"],
             "feature_dim": m["model"]["feature_dim"],
             "checkpoint": m["checkpoint"],
-            "encoder": {k: m["encoder"].get(k) for k in ("source", "fit_on", "fit_images", "params")},
+            "encoder": {k: m["encoder"].get(k) for k in ("source", "fit_on", "fit_images", "params", "selection")},
             "has_features": m["files"]["features"] is not None,
             "labels": state.metadata.label_counts(),
             "stats": m["stats"],
@@ -795,7 +796,8 @@ def _write_first_generation(model_path: Path | None, model, meta, out_dir: Path,
                     "source": encoder_source,
                     "fit_on": str(Path(fit_on).resolve()) if fit_on is not None else None,
                     "fit_images": min(len(features), fit_sample) if encoder_source == "collection" else None,
-                    "params": encoder_params(encoder)},
+                    "params": encoder_params(encoder),
+                    "selection": _training_selection(model_path) if fit_on is None else None},
         "store_features": bool(store_features),
         "files": {"codes": None, "metadata": None, "features": [] if store_features else None},
         "stats": {"n_bad": 0, "n_duplicates": 0},
@@ -803,6 +805,19 @@ def _write_first_generation(model_path: Path | None, model, meta, out_dir: Path,
     }
     # keep_previous=False: the files of an index this one replaces (build --force) go.
     return builder.finish(manifest, plan, features, encoder, keep_previous=False)
+
+
+def _training_selection(model_path: Path | None) -> dict | None:
+    """How `dfsnet train` chose the encoder saved beside ``model_path`` (its ``train_summary.json``
+    record: the choice and each candidate's validation figures), for ``index info``."""
+    if model_path is None:
+        return None
+    try:
+        summary = json.loads((model_path.parent / "train_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    record = summary.get("encoder") if isinstance(summary, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 def _refuse_remains(out_dir: Path, force: bool) -> list[tuple[str, int]]:
