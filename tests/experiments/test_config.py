@@ -137,3 +137,11 @@ def test_bundled_configs_are_valid():
 def test_default_bits_end_with_the_feature_width():
     assert default_bits(1280) == [16, 32, 64, 128, 256, 512, 1024, 1280]
     assert default_bits(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
+def test_patience_zero_disables_early_stopping_as_in_train():
+    from dfsnet.experiments.config import load_config
+
+    assert load_config("demo", {"patience": 0}).patience == 0
+    with pytest.raises(ValueError, match="patience"):
+        load_config("demo", {"patience": -1})

@@ -87,7 +87,8 @@ class ExperimentConfig:
     optimizer: str = _doc("optimizer (adamw, sgd)", default="adamw")
     weight_decay: float = _doc("weight decay of training (not on biases and norm weights)", default=1e-4)
     batch_size: int = _doc("training and extraction batch size", default=64)
-    patience: int = _doc("early-stopping patience on the monitored validation value (epochs)", default=3)
+    patience: int = _doc("early-stopping patience on the monitored validation value (epochs); 0 disables "
+                         "early stopping, as in `dfsnet train`", default=3)
     augment: str = _doc("head-only augmentation of DFS-Net's training maps: none, flip (mirror half of each "
                         "batch of cached maps), flip_image (also cache the mirrored images' maps)",
                         default="flip")
@@ -318,9 +319,9 @@ def _validate(cfg: ExperimentConfig) -> None:
     check_choice(cfg.monitor, ("val_acc", "val_map"), name="monitor")
     check_choice(cfg.precision, PRECISIONS, name="precision")
     torch_device(cfg.device)
-    for key in ("epochs", "batch_size", "k", "pr_bits", "patience", "itq_max_bits"):
+    for key in ("epochs", "batch_size", "k", "pr_bits", "itq_max_bits"):
         check_positive_int(getattr(cfg, key), name=key)
-    for key in ("finetune_epochs", "image_size", "num_workers", "threads"):
+    for key in ("finetune_epochs", "image_size", "num_workers", "threads", "patience"):
         if getattr(cfg, key) < 0:
             raise InputError(f"{key}: expected a non-negative integer, got {getattr(cfg, key)}")
     if "full" in cfg.modes and cfg.finetune_epochs == 0:

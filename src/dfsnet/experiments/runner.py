@@ -351,7 +351,7 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
     with stages.timed(f"train-{net}"):
         result = train_network(model, train_set, val_set, mode=mode, out_dir=net_dir, seed=cfg.seed,
                                progress=progress, epochs=epochs, lr=lr, optimizer=cfg.optimizer,
-                               batch_size=cfg.batch_size, resume=resume, patience=cfg.patience,
+                               batch_size=cfg.batch_size, resume=resume, patience=cfg.patience or None,
                                weight_decay=cfg.weight_decay,
                                num_workers=cfg.num_workers, cache_dir=maps_dir, accelerator=accelerator,
                                devices=devices, precision=cfg.precision, extra=extra,
@@ -432,8 +432,9 @@ def _scheme_bits(cfg: ExperimentConfig, scheme: Scheme, bits: list[int], n_train
     cap = min(cfg.itq_max_bits, n_train)
     use = [b for b in bits if b <= cap]
     if len(use) < len(bits):
-        logger.info("ITQ: code lengths above %d skipped (itq_max_bits %d, %d train images)",
-                    cap, cfg.itq_max_bits, n_train)
+        # Asked for, so said out loud: ITQ's PCA has at most min(itq_max_bits, train images) axes.
+        logger.warning("ITQ: code lengths %s not computed: above %d (itq_max_bits %d, %d train images)",
+                       [b for b in bits if b > cap], cap, cfg.itq_max_bits, n_train)
     return use
 
 
