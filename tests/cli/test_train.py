@@ -162,3 +162,19 @@ def test_help_documents_every_option(capsys):
         parser_options = [o for o in text.split() if o.startswith("--")]
         assert "--out" in text and len(parser_options) > 5
         assert "--no-progress" in text and "--device" in text and "cuda when available" in text
+
+
+def test_a_split_that_cannot_be_drawn_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import dfsnet.models
+
+    data = make_image_folder(tmp_path / "imgs", n_classes=3, per_class=6)
+    for extra in sorted((data / "class_1").iterdir())[1:]:
+        extra.unlink()  # class_1 keeps one image: too few for a query and a training image
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the backbone was created before the split was checked")
+
+    monkeypatch.setattr(dfsnet.models, "create_backbone", no_model)
+    code, _, err = run(capsys, "train", "--data", data, *TINY, "--split-protocol", "per-class", "--out",
+                       tmp_path / "run")
+    assert code == 2 and "'class_1' (1)" in err and "Traceback" not in err

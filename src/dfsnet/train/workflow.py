@@ -467,6 +467,13 @@ class TrainingOutcome:
         return self.result.best_epoch + 1
 
 
+def _protocol(split_protocol: str, pool) -> str:
+    """``auto``: the paper's protocol when the data has a test part, else per-class."""
+    if split_protocol != "auto":
+        return split_protocol
+    return "paper" if (pool.sources == 1).any() else "per-class"
+
+
 def train_and_fit(
     *,
     out_dir: str | os.PathLike,
@@ -555,6 +562,10 @@ def train_and_fit(
     default_accelerator, default_devices = lightning_device(device)
     accelerator = accelerator or default_accelerator
     devices = default_devices if devices is None else devices
+    if not split:  # a split that cannot be drawn fails now, naming every short class, before any model loads
+        labels = load_pool(source, root=data, download=download)
+        make_split(_protocol(split_protocol, labels), labels.targets, pool_sources=labels.sources, seed=seed,
+                   val_fraction=val_fraction, class_names=labels.classes)
     # Every DDP process runs this; seeding first gives them all the same random init.
     torch.manual_seed(seed)
     if init:
@@ -600,11 +611,9 @@ def train_and_fit(
     if split:
         the_split = Split.load(split, expect_fingerprint=pool.fingerprint())
     else:
-        protocol = split_protocol
-        if protocol == "auto":
-            protocol = "paper" if (pool.sources == 1).any() else "per-class"
-        the_split = make_split(protocol, pool.targets, pool_sources=pool.sources, seed=seed,
-                               val_fraction=val_fraction, pool_fingerprint=pool.fingerprint())
+        the_split = make_split(_protocol(split_protocol, pool), pool.targets, pool_sources=pool.sources, seed=seed,
+                               val_fraction=val_fraction, pool_fingerprint=pool.fingerprint(),
+                               class_names=pool.classes)
     if the_split.val.size == 0:
         raise InputError(f"val_fraction: the {the_split.protocol} split leaves no validation images "
                          f"({the_split.sizes()}); raise the validation fraction or use more images per class")
