@@ -155,3 +155,20 @@ def test_default_encoder_selection_is_recorded_and_reported(tiny_run):
     assert sel["gap_to_best"] == pytest.approx(best - sel["query"][sel["choice"]]["map_at_k"])
     report = Path(results["report"]).read_text()
     assert "The default encoder, chosen on the validation split" in report and "3-csq" in report
+
+
+def test_a_split_file_is_used_as_given(tiny_run, tmp_path):
+    from dfsnet.data import Split
+
+    _, images, cfg, first = tiny_run
+    drawn = Split.load(first["settings"][0]["split_file"])
+    given = tmp_path / "my_split.json"
+    drawn.save(given)
+    results = run_experiment(config_from_dict(_tiny_config(tmp_path, images, name="given", split_file=str(given),
+                                                           ablations=[], ties=["stable"], bits=[8])))
+    used = Split.load(results["settings"][0]["split_file"])
+    for part in ("train", "val", "query", "database"):
+        assert (getattr(used, part) == getattr(drawn, part)).all(), part
+    other = make_image_folder(tmp_path / "other", n_classes=3, per_class=9, size=32)
+    with pytest.raises(ValueError, match="pool"):
+        run_experiment(config_from_dict(_tiny_config(tmp_path, other, name="wrong", split_file=str(given))))

@@ -74,6 +74,9 @@ class ExperimentConfig:
     split: dict[str, Scalar] = _doc("split protocol parameters, NAME=VALUE (query_per_class, "
                                     "train_fraction, val_fraction, ...)", default_factory=dict,
                                     flags=("--split-params",))
+    split_file: str = _doc("a split file (split.json of `dfsnet train` or of another run) to use instead of "
+                           "drawing one; it must have been made for the same pool of images", default="",
+                           flags=("--split",))
     image_size: int = _doc("input side in pixels; 0 = the backbone's default", default=0)
     modes: list[str] = _doc("training modes: head (frozen backbone, head on cached maps) and/or "
                             "full (fine-tune everything, starting from the head-trained network)",

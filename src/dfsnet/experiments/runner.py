@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from dfsnet._io import sha256_file
 from dfsnet.errors import InputError
 from dfsnet.experiments.config import ExperimentConfig, _unknown, config_from_dict, default_bits
 from dfsnet.experiments.results import RESULTS_SCHEMA, finite, write_results
@@ -201,6 +202,14 @@ def _split(cfg: ExperimentConfig, dataset: str, pool, stages: StageLog):
     """The seeded split of ``dataset``, drawn once per run folder and reused by every setting."""
     from dfsnet.data import Split, make_split
 
+    if cfg.split_file:  # the user's split: the same images in every scheme, and in `dfsnet train`
+        given = Path(cfg.split_file).expanduser()
+        split = Split.load(given, expect_fingerprint=pool.fingerprint())
+        path = cfg.run_dir / "splits" / f"{given.stem}-{sha256_file(given)[:16]}.json"
+        if not path.is_file():
+            split.save(path)
+        stages.hit("split", str(given))
+        return split, path
     path = cfg.run_dir / "splits" / f"{dataset}-{cfg.protocol}-seed{cfg.seed}-{stage_key(**cfg.split)}.json"
     if path.is_file():
         split = Split.load(path, expect_fingerprint=pool.fingerprint())
