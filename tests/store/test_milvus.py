@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -11,19 +10,9 @@ pytest.importorskip("milvus_lite", reason="Milvus Lite is not installed (pip ins
 from dfsnet.store import ImageIndex  # noqa: E402
 from dfsnet.store.milvus import MilvusCodes, MilvusIndex, content_id, in_shard, parse_shard  # noqa: E402
 from tests.conftest import make_image_folder  # noqa: E402
+from tests.store.test_image_index import _tiny_checkpoint as _checkpoint  # noqa: E402
 
 BITS = 32
-
-
-def _checkpoint(folder: Path, seed: int = 0) -> Path:
-    import torch
-
-    from dfsnet.models import DFSNet, create_backbone, save_checkpoint
-
-    torch.manual_seed(seed)
-    net = DFSNet(create_backbone("test_efficientnet", pretrained=False), num_classes=3,
-                 class_names=["class_0", "class_1", "class_2"])
-    return save_checkpoint(net, folder / "model.safetensors", extra={"image_size": 32})
 
 
 @pytest.fixture(scope="module")
