@@ -87,3 +87,12 @@ def test_write_report_links_the_pngs_written_beside_it(tmp_path: Path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
         assert f"]({name})" in text
     assert "reused from cache" in text and _line(text, "| efficientnet_lite0-cifar10-head | DFS-Net |")[-1] == "yes"
+
+
+def test_scheme_table_shows_every_code_length_evaluated():
+    text = scheme_table(_results())
+    lines = text.splitlines()
+    start = lines.index("  mAP@1000 at every code length:")
+    compact = {ln.split()[0]: ln.split(None, 1)[1] for ln in lines[start + 1:] if ln.startswith("  ")}
+    assert compact["3"] == "16: 53.00  64: 58.00  1280: 59.00"
+    assert set(compact) == {s.id for s in SCHEMES.values() if s.metric == "hamming"}
