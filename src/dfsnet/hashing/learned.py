@@ -33,6 +33,7 @@ from dfsnet._validation import (
     validate_data,
 )
 from dfsnet.errors import InputError, InputTypeError
+from dfsnet.hashing.bits import pack_bits
 
 __all__ = ["HASH_LOSSES", "LinearHasher", "hash_centres", "hash_loss"]
 
@@ -293,7 +294,7 @@ class LinearHasher(TransformerMixin, BaseEstimator):
         -------
         ndarray of uint8, shape (n, ceil(n_bits_ / 8))
         """
-        return np.packbits(self.project(X) >= 0, axis=1, bitorder="big")
+        return pack_bits(self.project(X) >= 0)
 
     def _validate_fitted_state(self) -> None:
         """Consistency of the learned attributes (used when loading them from a file)."""
