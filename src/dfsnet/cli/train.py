@@ -76,7 +76,7 @@ def _register_train(subparsers) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--mode", default="head", choices=MODES,
                    help="head: frozen backbone, its feature maps cached once, the head trains on them "
-                        "(no backbone pass per epoch, so practical on a CPU; no augmentation); full: "
+                        "(no backbone pass per epoch, so practical on a CPU; mirrored maps, see --augment); full: "
                         "fine-tune every layer with augmentation, as the paper (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=10, help="total epochs (default: %(default)s)")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (default: %(default)s)")
