@@ -1,12 +1,17 @@
 """Shared fixtures. Tests use tiny inputs and random weights; real data only when present."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from threadpoolctl import threadpool_limits
+
+# "auto" means torch in the suite (subprocesses inherit it): an ONNX export costs 2-10 s, and
+# tests/test_runtime.py and the tests that name runtime="onnx" cover ONNX Runtime.
+os.environ["DFSNET_RUNTIME"] = "torch"
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_ROOT = REPO.parent / "shared" / "datasets" / "cifar10"

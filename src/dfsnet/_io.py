@@ -106,3 +106,15 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: fh.read(chunk_size), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_hash(path: str | os.PathLike) -> str:
+    """Short content hash of a checkpoint file: the first 16 hex digits of its SHA-256.
+
+    :func:`save_checkpoint` writes identical bytes for identical weights, meta and extra, so
+    equal hashes mean equal models (the key of feature caches).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such checkpoint file: {path}")
+    return sha256_file(path)[:16]

@@ -5,17 +5,17 @@ mistake never surfaces as a traceback from deep inside numpy, faiss or torch.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import numpy as np
-from scipy.sparse import issparse
-from sklearn.exceptions import NotFittedError
-from sklearn.utils import validation as _skv
 
 from dfsnet.errors import InputError, InputTypeError
 
+# scikit-learn and scipy are imported where an estimator needs them, not here: the indexes and
+# the search path use these checks, and importing scikit-learn costs about a second.
+
 __all__ = [
-    "NotFittedError",
     "check_array",
     "check_codes",
     "check_labels",
@@ -75,7 +75,8 @@ def check_array(
     """
     if X is None:
         raise InputTypeError(f"{name}: expected an array, got None")
-    if issparse(X):
+    sparse = sys.modules.get("scipy.sparse")  # a sparse matrix exists only once scipy.sparse is imported
+    if sparse is not None and sparse.issparse(X):
         raise InputTypeError(f"{name}: sparse input is not supported; expected a dense array, got "
                              f"{type(X).__name__} (convert it with .toarray())")
     try:
@@ -243,7 +244,9 @@ def check_is_fitted(estimator, attributes: Iterable[str]) -> None:
 
     scikit-learn's :func:`sklearn.utils.validation.check_is_fitted` with dfsnet's message.
     """
-    _skv.check_is_fitted(
+    from sklearn.utils.validation import check_is_fitted as sk_check_is_fitted
+
+    sk_check_is_fitted(
         estimator, list(attributes),
         msg="This %(name)s instance is not fitted yet; call fit() before using it.",
     )
@@ -279,6 +282,8 @@ def validate_data(estimator, X, y="no_validation", *, reset: bool, name: str = "
     -------
     ndarray of ``dtype``, shape (n, d), C-contiguous
     """
+    from sklearn.utils import validation as _skv
+
     if y is None and _skv.get_tags(estimator).target_tags.required:
         cls = type(estimator).__name__
         raise InputError(f"y: {cls} needs class labels, got None ({cls} requires y to be passed, but the "
@@ -294,3 +299,11 @@ def validate_data(estimator, X, y="no_validation", *, reset: bool, name: str = "
     except ValueError as exc:  # feature names that differ from fit's
         raise InputError(f"{name}: {exc}") from None
     return arr
+
+
+def __getattr__(name: str):
+    if name == "NotFittedError":  # re-exported lazily, see the note on the imports
+        from sklearn.exceptions import NotFittedError
+
+        return NotFittedError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,15 @@ def add_precision_arg(parser: argparse.ArgumentParser) -> None:
                              "bf16 (AMX / AVX512-BF16, or a CUDA GPU), else fp32 (default: %(default)s)")
 
 
+def add_runtime_arg(parser: argparse.ArgumentParser) -> None:
+    from dfsnet.runtime import DEFAULT_RUNTIME, RUNTIMES
+
+    parser.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                        help="what runs the network: onnx = the index's ONNX graph in ONNX Runtime (fp32, CPU; "
+                             "no torch import, fastest on a CPU), torch = torch in --precision; auto: onnx on a "
+                             "CPU when the index has a graph and bf16 was not asked for (default: %(default)s)")
+
+
 def add_progress_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars on stderr (default: only when stderr is a terminal)")
@@ -38,4 +47,5 @@ def add_loader_args(parser: argparse.ArgumentParser) -> None:
                              "at most 8)")
     add_device_arg(parser)
     add_precision_arg(parser)
+    add_runtime_arg(parser)
     add_progress_arg(parser)

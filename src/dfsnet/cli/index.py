@@ -7,7 +7,7 @@ import json
 import sys
 import unicodedata
 
-from dfsnet.cli._common import add_device_arg, add_loader_args, add_precision_arg, progress_enabled
+from dfsnet.cli._common import add_device_arg, add_loader_args, add_precision_arg, add_runtime_arg, progress_enabled
 from dfsnet.errors import UserError
 from dfsnet.store.verify import FILE_CHECKS
 
@@ -128,6 +128,7 @@ def register(subparsers) -> None:
                             help="queries per forward pass (default: %(default)s)")
         add_device_arg(search)
         add_precision_arg(search)
+        add_runtime_arg(search)
         search.set_defaults(func=_search)
 
 
@@ -200,7 +201,7 @@ def _build(args) -> int:
                             fit_sample=args.fit_sample, store_features=args.store_features,
                             image_size=args.image_size, batch_size=args.batch_size,
                             num_workers=args.num_workers, device=args.device, precision=args.precision,
-                            progress=progress_enabled(args), force=args.force)
+                            runtime=args.runtime, progress=progress_enabled(args), force=args.force)
     _print_report("indexed", pipe.last_report)
     how = "" if args.model else f", {pipe.manifest['model']['backbone']} features, ITQ fitted on the images"
     print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes{how if not args.fit_on else ''})")
@@ -219,7 +220,8 @@ def _build_milvus(args, out: str, selector: str | None) -> int:
                              bits=args.bits, fit_on=args.fit_on, selector=selector, hasher=args.hasher,
                              store_features=args.store_features, image_size=args.image_size,
                              batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                             precision=args.precision, progress=progress_enabled(args), force=args.force,
+                             precision=args.precision, runtime=args.runtime, progress=progress_enabled(args),
+                             force=args.force,
                              shard=args.shard)
     _print_report("indexed", pipe.last_report)
     print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes in Milvus collection "
@@ -231,7 +233,8 @@ def _add(args) -> int:
     from dfsnet.store import ImageIndex
     from dfsnet.store.milvus import MilvusIndex
 
-    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision)
+    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision,
+                           runtime=args.runtime)
     images = _one_of(args, "images", "images_flag", "images")
     if args.shard and not isinstance(pipe, MilvusIndex):
         raise UserError("--shard: only an index on the Milvus backend takes adds from several workers")
@@ -314,7 +317,8 @@ def _search(args) -> int:
 
     check_positive_int(args.batch_size, name="batch_size")
     queries = _expand_queries(args.images)
-    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision)
+    pipe = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision,
+                           runtime=args.runtime)
     several = len(queries) > 1
     failed = shown = 0
     for start in range(0, len(queries), args.batch_size):

@@ -11,8 +11,6 @@ import importlib
 import logging
 import sys
 
-from sklearn.exceptions import NotFittedError
-
 from dfsnet import __version__
 from dfsnet.errors import UserError
 
@@ -25,8 +23,8 @@ logger = logging.getLogger("dfsnet.cli")
 
 # What a user's mistake raises: dfsnet's own error types, and OS errors about the paths given
 # (missing, a folder where a file belongs, no permission). Anything else is a bug and keeps its
-# traceback.
-USER_ERRORS = (UserError, OSError, NotFittedError)
+# traceback. (scikit-learn's NotFittedError is one too; see _is_user_error.)
+USER_ERRORS = (UserError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         if args.verbose:
             logger.error("traceback of the error below", exc_info=exc)
         print(f"dfsnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a user's mistake (:data:`USER_ERRORS`, or an estimator used before fit).
+
+    scikit-learn is looked up, not imported: a command that never imported it cannot have raised
+    its error, and importing it would cost a second of every command's start-up.
+    """
+    sk = sys.modules.get("sklearn.exceptions")
+    return isinstance(exc, USER_ERRORS) or (sk is not None and isinstance(exc, sk.NotFittedError))

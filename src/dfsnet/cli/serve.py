@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import socket
 
-from dfsnet.cli._common import add_device_arg, add_precision_arg
+from dfsnet.cli._common import add_device_arg, add_precision_arg, add_runtime_arg
 
 
 def register(subparsers) -> None:
@@ -31,6 +31,7 @@ def register(subparsers) -> None:
                        help="refuse unless the index was built with this checkpoint")
     add_device_arg(serve)
     add_precision_arg(serve)
+    add_runtime_arg(serve)
     serve.set_defaults(func=_serve)
 
 
@@ -76,7 +77,8 @@ def _serve(args) -> int:
     # The port first: a busy one is refused before the index and model are loaded.
     sock = bind_socket(args.host, args.port)
     try:
-        index = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision)
+        index = ImageIndex.load(args.index_dir, model=args.model, device=args.device, precision=args.precision,
+                                runtime=args.runtime)
         hosts = [*DEFAULT_ALLOWED_HOSTS, *args.allowed_hosts]
         if args.host not in ("0.0.0.0", "::", ""):  # a wildcard bind has no one name to allow
             hosts.append(args.host)

@@ -10,8 +10,6 @@ import copy
 import json
 import logging
 import os
-import zipfile
-from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
@@ -26,6 +24,7 @@ from dfsnet._validation import (
     validate_data,
 )
 from dfsnet.errors import InputError
+from dfsnet.hashing.frozen import FORMAT, FORMAT_VERSION, read_encoder_file
 from dfsnet.hashing.itq import ITQHasher
 from dfsnet.hashing.learned import HASH_LOSSES, LinearHasher
 from dfsnet.hashing.threshold import THRESHOLDS, ThresholdHasher
@@ -35,9 +34,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "FREE_LENGTH_HASHERS", "HASHERS", "SELECT
 
 logger = logging.getLogger(__name__)
 
-#: Value of the ``format`` entry of an encoder file, and the version this code writes and reads.
-FORMAT = "dfsnet.encoder"
-FORMAT_VERSION = 1
 
 #: Names accepted by :func:`make_encoder`.
 SELECTORS = ("gain_ratio", "random", None)
@@ -247,31 +243,14 @@ class Encoder(TransformerMixin, BaseEstimator):
             format version, or its contents are inconsistent; the message names the path and the
             problem.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"path: encoder file {str(path)!r} does not exist")
+        meta, contents = read_encoder_file(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                # Reading every member here makes a damaged archive fail now (zip CRC check).
-                contents = {key: data[key] for key in data.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError) as exc:
-            # TypeError: a plain .npy file loads as an array, which is no context manager.
-            raise ValueError(f"{path}: not a readable dfsnet encoder file ({type(exc).__name__}: {exc})") from None
-        try:
-            return cls._from_contents(contents)
+            return cls._from_contents(meta, contents)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"{path}: invalid dfsnet encoder file: {exc}") from None
 
     @classmethod
-    def _from_contents(cls, contents: dict[str, np.ndarray]) -> Encoder:
-        if "format" not in contents or str(contents["format"]) != FORMAT:
-            raise ValueError(f"format: expected {FORMAT!r}, found {str(contents.get('format'))!r}")
-        version = int(contents["format_version"])
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"format_version: this dfsnet reads version {FORMAT_VERSION}, the file has version {version}"
-            )
-        meta = json.loads(str(contents["meta"]))
+    def _from_contents(cls, meta: dict, contents: dict[str, np.ndarray]) -> Encoder:
         selector = None if meta["selector"] is None else _rebuild(meta["selector"], "selector", contents)
         hasher = _rebuild(meta["hasher"], "hasher", contents)
         encoder = cls(selector=None if selector is None else clone(selector), hasher=clone(hasher))

@@ -9,6 +9,7 @@ from sklearn.decomposition import PCA
 
 from dfsnet._validation import check_is_fitted, check_positive_int, check_seed, validate_data
 from dfsnet.errors import InputError, InputTypeError
+from dfsnet.hashing.frozen import itq_project
 
 __all__ = ["ITQHasher"]
 
@@ -127,8 +128,7 @@ class ITQHasher(TransformerMixin, BaseEstimator):
 
         Computed as ``X @ W - mean_ @ W`` in float32, which avoids a centred float64 copy of X.
         """
-        w = self.components_.T if rotation is None else self.components_.T @ rotation
-        return X @ w.astype(np.float32) - (self.mean_ @ w).astype(np.float32)
+        return itq_project(X, self.mean_, self.components_, rotation)
 
     def _check_input(self, X) -> np.ndarray:
         check_is_fitted(self, ("rotation_",))

@@ -34,6 +34,7 @@ from dfsnet._validation import (
 )
 from dfsnet.errors import InputError, InputTypeError
 from dfsnet.hashing.bits import pack_bits
+from dfsnet.hashing.frozen import linear_project
 
 __all__ = ["HASH_LOSSES", "LinearHasher", "hash_centres", "hash_loss"]
 
@@ -281,7 +282,7 @@ class LinearHasher(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, ("coef_",))
         X = validate_data(self, X, reset=False)
-        return X @ self.coef_ + self.intercept_
+        return linear_project(X, self.coef_, self.intercept_)
 
     def transform(self, X) -> np.ndarray:
         """Packed codes: bit i is 1 where output i is >= 0.

@@ -5,6 +5,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from dfsnet._validation import check_choice, check_is_fitted, validate_data
+from dfsnet.hashing.frozen import threshold_bits
 
 __all__ = ["THRESHOLDS", "ThresholdHasher"]
 
@@ -107,13 +108,10 @@ class ThresholdHasher(TransformerMixin, BaseEstimator):
         check_is_fitted(self, ("n_bits_",))
         check_choice(self.threshold, THRESHOLDS, name="threshold")
         X = validate_data(self, X, reset=False)
-        if self.threshold == "sample_mean":
-            return X >= X.mean(axis=1, keepdims=True, dtype=np.float64)
-        if self.threshold == "zero":
-            return X > 0
-        # A per-feature rule set with set_params after fitting another rule has no thresholds yet.
-        check_is_fitted(self, ("thresholds_",))
-        return X >= self.thresholds_
+        if self.threshold in PER_FEATURE:
+            # A per-feature rule set with set_params after fitting another rule has no thresholds yet.
+            check_is_fitted(self, ("thresholds_",))
+        return threshold_bits(X, self.threshold, getattr(self, "thresholds_", None))
 
     def with_n_features(self, n_features: int) -> ThresholdHasher:
         """A fitted copy for the first ``n_features`` input columns, without refitting.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dfsnet import __version__
-from dfsnet._io import atomic_write_bytes, sha256_file
+from dfsnet._io import atomic_write_bytes, checkpoint_hash
 from dfsnet.errors import InputError, InputTypeError
 from dfsnet.models.backbones import BACKBONE_ALIASES, create_backbone, state_dict_mismatch
 from dfsnet.models.network import DFSNet, DFSNetMeta
@@ -167,18 +167,6 @@ def load_checkpoint(
                          f"describes (saved with another timm version?): {mismatch}")
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval(), extra
-
-
-def checkpoint_hash(path: str | os.PathLike) -> str:
-    """Short content hash of a checkpoint file: the first 16 hex digits of its SHA-256.
-
-    :func:`save_checkpoint` writes identical bytes for identical weights, meta and extra, so
-    equal hashes mean equal models (the key of feature caches).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such checkpoint file: {path}")
-    return sha256_file(path)[:16]
 
 
 def _check_expected(meta: DFSNetMeta, expect: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -15,6 +15,7 @@ from dfsnet.store.files import is_regular_file
 from dfsnet.store.lock import collect_garbage
 from dfsnet.store.manifest import (
     MODEL_FILE,
+    ONNX_FILE,
     file_checksum,
     generation_file,
     next_id,
@@ -194,14 +195,17 @@ class Builder:
         "fp32" or "bf16" (resolved, see :func:`dfsnet.precision.resolve_precision`).
     model_lock : threading.Lock, optional
         Serialises use of ``model`` with a reader that shares it.
+    onnx : dfsnet.runtime.OnnxFeatures, optional
+        ``model``'s graph in ONNX Runtime, which then extracts instead of torch.
     """
 
     def __init__(self, index_dir: Path, model, image_size: int, device, *, precision: str = "fp32",
-                 model_lock: threading.Lock | None = None):
+                 model_lock: threading.Lock | None = None, onnx=None):
         from dfsnet.data import build_transforms
 
         self.index_dir = index_dir
         self.model = model
+        self.onnx = onnx
         self.model_lock = model_lock or threading.Lock()
         self.device = device
         self.precision = precision
@@ -224,7 +228,8 @@ class Builder:
         dataset = ImageList(paths, transform=self.transform)
         with self.model_lock:
             try:
-                return extract_features_with_mask(self.model, dataset, batch_size=batch_size,
+                return extract_features_with_mask(self.model if self.onnx is None else self.onnx, dataset,
+                                                  batch_size=batch_size,
                                                   num_workers=num_workers, device=self.device,
                                                   precision=self.precision, progress=progress)
             except ValueError:
@@ -414,3 +419,52 @@ def _gone_or_changed(record: ImageRecord) -> bool:
         return st.st_mtime != record.mtime and sha256_file(record.path) != record.sha256
     except OSError:
         return True
+
+
+def export_onnx_graph(model, out_dir: Path, image_size: int, *, runtime: str, device_type: str,
+                      precision: str) -> tuple[dict | None, object | None]:
+    """Write ``model.features`` as ``out_dir/model.onnx`` unless ``runtime`` is "torch".
+
+    Returns
+    -------
+    entry : dict or None
+        The manifest's ``onnx`` entry (file, sha256, input shape, feature width and the
+        preprocessing a query needs), or None when no graph was written (runtime "torch", the
+        exporter not installed, or the export failed: a warning says so under "auto").
+    runner : dfsnet.runtime.OnnxFeatures or None
+        The graph in ONNX Runtime, when the build itself should extract with it (``runtime``
+        resolves to "onnx" on ``device_type`` with ``precision``).
+
+    Raises
+    ------
+    InputError
+        ``runtime`` "onnx" and the graph cannot be made or run here.
+    """
+    import hashlib
+
+    from dfsnet._io import atomic_write_bytes
+    from dfsnet.runtime import OnnxFeatures, effective_runtime, export_features, onnx_available, resolve_runtime
+
+    runtime = effective_runtime(runtime)
+    path = out_dir / ONNX_FILE
+    extract_with = resolve_runtime(runtime, device_type=device_type, precision=precision, export=True)
+    if runtime == "torch" or not onnx_available(export=True):
+        path.unlink(missing_ok=True)  # a replaced index's graph would not match this model
+        return None, None
+    shape = (3, int(image_size), int(image_size))
+    try:
+        data = export_features(model, shape)
+    except RuntimeError as exc:
+        if runtime == "onnx":
+            raise InputError(f"runtime: {exc}") from None
+        logger.warning("%s; the index gets no ONNX graph, and its queries run in torch", exc)
+        path.unlink(missing_ok=True)
+        return None, None
+    atomic_write_bytes(path, data)
+    meta = model.meta
+    preprocess = {"input_size": list(shape), "mean": [float(v) for v in meta.mean],
+                  "std": [float(v) for v in meta.std], "crop_pct": getattr(meta, "crop_pct", None),
+                  "interpolation": getattr(meta, "interpolation", None)}
+    entry = {"file": ONNX_FILE, "sha256": hashlib.sha256(data).hexdigest(), "input_shape": list(shape),
+             "feature_dim": int(meta.feature_dim), "preprocess": preprocess}
+    return entry, (OnnxFeatures(data) if extract_with == "onnx" else None)

@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from dfsnet import __version__
-from dfsnet._io import atomic_write, sha256_file
+from dfsnet._io import atomic_write, checkpoint_hash, sha256_file
 from dfsnet._validation import check_positive_int
 from dfsnet.errors import InputError, InputTypeError, NotFoundError
 from dfsnet.images import open_image
 from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
-from dfsnet.store.builder import AddReport, Builder, scan_images
+from dfsnet.runtime import DEFAULT_RUNTIME, effective_runtime, resolve_runtime
+from dfsnet.store.builder import AddReport, Builder, export_onnx_graph, scan_images
 from dfsnet.store.files import check_on_load, npy_layout
 from dfsnet.store.lock import collect_garbage, write_lock
 from dfsnet.store.maintenance import (
@@ -52,6 +53,7 @@ from dfsnet.store.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     MODEL_FILE,
+    ONNX_FILE,
     IndexDamagedError,
     check_compatible,
     check_same_index,
@@ -215,13 +217,25 @@ class ImageIndex:
     device : str or torch.device, optional
         ``None`` or ``"auto"``: CUDA when available, else the CPU.
     precision : {"auto", "fp32", "bf16"}
-        The network's precision for queries and :meth:`add` (:func:`dfsnet.precision.resolve_precision`);
-        any index is searchable in either.
+        The network's precision in torch, for queries and :meth:`add`
+        (:func:`dfsnet.precision.resolve_precision`); any index is searchable in either.
+    runtime : {"auto", "torch", "onnx"}
+        What runs the network for queries (:mod:`dfsnet.runtime`): ``"onnx"`` is the index's
+        ``model.onnx`` in ONNX Runtime, fp32 on the CPU, without importing torch (fast start-up,
+        and faster than torch on a CPU); ``"auto"`` takes it when the index has one, the device
+        is the CPU (or ``"auto"``) and bf16 was not asked for, else torch. :meth:`add` runs the
+        same way.
 
     Attributes
     ----------
     index_dir : pathlib.Path
+    runtime : str
+        "onnx" or "torch", as resolved.
     model : dfsnet.models.DFSNet
+        The torch network, loaded on first use when the runtime is "onnx".
+    device : torch.device
+        Likewise; the CPU for ONNX Runtime.
+    precision : dfsnet.precision.Precision
     encoder : dfsnet.hashing.Encoder
     manifest : dict
         The committed manifest this object currently serves.
@@ -237,48 +251,89 @@ class ImageIndex:
     """
 
     def __init__(self, index_dir, *, model=None, bits: int | None = None, device=None,
-                 precision: str = DEFAULT_PRECISION):
-        from dfsnet.data import build_transforms
-        from dfsnet.features import resolve_device
-        from dfsnet.hashing import Encoder
-        from dfsnet.models import checkpoint_hash
-        from dfsnet.store.unsupervised import load_index_model
+                 precision: str = DEFAULT_PRECISION, runtime: str = DEFAULT_RUNTIME):
+        from dfsnet.hashing.frozen import FrozenEncoder
 
         self.index_dir = Path(index_dir).expanduser().resolve()
         check_compatible(self.index_dir, read_manifest(self.index_dir), model=model, bits=bits)
         self._state = self._open_state()
         manifest = self._state.manifest
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        found = checkpoint_hash(self.index_dir / MODEL_FILE)
-        if found != manifest["checkpoint"]["hash"]:
-            raise InputError(f"index_dir: {MODEL_FILE} has hash {found}, but the index was built with checkpoint "
-                             f"hash {manifest['checkpoint']['hash']}; the file was replaced or damaged")
-        self.model = self.precision.prepare_model(
-            load_index_model(self.index_dir / MODEL_FILE, map_location=self.device)[0].eval())
+        self._device_arg, self._precision_arg = device, precision
+        self._torch: tuple | None = None
+        self.runtime = _query_runtime(runtime, manifest, device, precision)
+        if self.runtime == "onnx":
+            self._onnx = _load_onnx(self.index_dir, manifest)
+        else:
+            self._load_torch()
         if sha256_file(self.index_dir / ENCODER_FILE) != manifest["encoder"]["sha256"]:
             raise InputError(f"index_dir: {ENCODER_FILE} does not match the sha256 recorded in the manifest; "
                              "the file was replaced or damaged")
-        self.encoder = Encoder.load(self.index_dir / ENCODER_FILE)
-        if self.encoder.n_bits_ != manifest["bits"]:
-            raise InputError(f"index_dir: {ENCODER_FILE} makes {self.encoder.n_bits_}-bit codes but the "
+        # Queries are encoded without scikit-learn (a second of start-up); the estimator loads on demand.
+        self._codes = FrozenEncoder.load(self.index_dir / ENCODER_FILE)
+        self._encoder = None
+        if self._codes.n_bits_ != manifest["bits"]:
+            raise InputError(f"index_dir: {ENCODER_FILE} makes {self._codes.n_bits_}-bit codes but the "
                              f"manifest says {manifest['bits']}; run `dfsnet index verify`")
-        self.transform = build_transforms(self.model.meta, train=False, image_size=manifest["image_size"])
         self._model_lock = threading.Lock()
         self.last_report: AddReport | None = None
+
+    def _load_torch(self) -> tuple:
+        """``(model, device, precision, transform)`` of torch, loaded on first use."""
+        if self._torch is None:
+            from dfsnet.data import build_transforms
+            from dfsnet.features import resolve_device
+            from dfsnet.store.unsupervised import load_index_model
+
+            manifest = self._state.manifest
+            device = resolve_device(self._device_arg if self.runtime == "torch" else "cpu")
+            precision = resolve_precision(self._precision_arg if self.runtime == "torch" else "fp32", device)
+            found = checkpoint_hash(self.index_dir / MODEL_FILE)
+            if found != manifest["checkpoint"]["hash"]:
+                raise InputError(f"index_dir: {MODEL_FILE} has hash {found}, but the index was built with "
+                                 f"checkpoint hash {manifest['checkpoint']['hash']}; the file was replaced or damaged")
+            model = load_index_model(self.index_dir / MODEL_FILE, map_location=device)[0].eval()
+            model = precision.prepare_model(model)
+            transform = build_transforms(model.meta, train=False, image_size=manifest["image_size"])
+            self._torch = (model, device, precision, transform)
+        return self._torch
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from dfsnet.hashing import Encoder
+
+            self._encoder = Encoder.load(self.index_dir / ENCODER_FILE)
+        return self._encoder
+
+    @property
+    def model(self):
+        return self._load_torch()[0]
+
+    @property
+    def device(self):
+        return self._load_torch()[1]
+
+    @property
+    def precision(self):
+        return self._load_torch()[2]
+
+    @property
+    def transform(self):
+        """The query images' transform, PIL image to float32 tensor (3, H, W) (torch's path)."""
+        return self._load_torch()[3]
 
     # ---------------------------------------------------------------------------------------
     # construction
 
     @classmethod
     def load(cls, index_dir, *, model=None, bits: int | None = None, device=None,
-             precision: str = DEFAULT_PRECISION) -> ImageIndex:
+             precision: str = DEFAULT_PRECISION, runtime: str = DEFAULT_RUNTIME) -> ImageIndex:
         """Open an index folder; see the class parameters."""
         if read_manifest(index_dir).get("backend", {}).get("kind") == "milvus":
             from dfsnet.store.milvus import MilvusIndex
 
             cls = MilvusIndex
-        return cls(index_dir, model=model, bits=bits, device=device, precision=precision)
+        return cls(index_dir, model=model, bits=bits, device=device, precision=precision, runtime=runtime)
 
     def _open_state(self) -> _Generation:
         """The committed state searches read: the local backend's newest generation."""
@@ -292,7 +347,8 @@ class ImageIndex:
               selector: str | None = "gain_ratio", hasher: str = "sample_mean", backbone: str | None = None,
               weights=None, fit_sample: int = DEFAULT_FIT_SAMPLE, store_features: bool = False,
               image_size: int | None = None, batch_size: int = 64, num_workers: int | None = None, device=None,
-              precision: str = DEFAULT_PRECISION, progress: bool = False, force: bool = False) -> ImageIndex:
+              precision: str = DEFAULT_PRECISION, runtime: str = DEFAULT_RUNTIME, progress: bool = False,
+              force: bool = False) -> ImageIndex:
         """Index the images of ``images_dir`` into a new index folder ``out_dir``.
 
         With a ``model_path`` the codes come from a trained model (task-specific codes). Without
@@ -341,9 +397,14 @@ class ImageIndex:
         device : str or torch.device, optional
             ``None`` or ``"auto"``: CUDA when available, else the CPU.
         precision : {"auto", "fp32", "bf16"}
-            The network's precision (:func:`dfsnet.precision.resolve_precision`), recorded in
-            the manifest. An index is searchable in either precision; the codes of an image
-            agree between them up to a few bits near the thresholds.
+            The network's precision in torch (:func:`dfsnet.precision.resolve_precision`),
+            recorded in the manifest. An index is searchable in either precision; the codes of
+            an image agree between them up to a few bits near the thresholds.
+        runtime : {"auto", "torch", "onnx"}
+            Unless "torch", the model's ``features()`` is also saved as ``model.onnx`` (when
+            ``onnxscript`` and ``onnxruntime`` are installed), which queries run without torch;
+            the collection is then extracted with it too where the runtime resolves to ONNX
+            Runtime (:func:`dfsnet.runtime.resolve_runtime`: the CPU, bf16 not asked for).
         progress : bool
             Show progress bars.
         force : bool
@@ -374,6 +435,7 @@ class ImageIndex:
             raise InputTypeError("images_dir, out_dir: both are required")
         device = resolve_device(device)
         prec = resolve_precision(precision, device)
+        resolve_runtime(runtime, device_type=device.type, precision=precision, export=True)  # refused early
         if bits is not None:
             bits = check_positive_int(bits, name="bits")
         fit_sample = check_positive_int(fit_sample, name="fit_sample")
@@ -437,12 +499,12 @@ class ImageIndex:
                     model_path, model, meta, out_dir, files, encoder, bits=bits, fit_on=fit_on, selector=selector,
                     hasher=hasher, fit_sample=fit_sample, store_features=store_features, image_size=image_size,
                     batch_size=batch_size, num_workers=num_workers, device=device, precision=prec.name,
-                    progress=progress, base_generation=base)
+                    runtime=runtime, precision_arg=precision, progress=progress, base_generation=base)
             finally:
                 if not remains and not (out_dir / MANIFEST).exists():  # failed: leave no half-built index
-                    for name in (MODEL_FILE, ENCODER_FILE):
+                    for name in (MODEL_FILE, ENCODER_FILE, ONNX_FILE):
                         (out_dir / name).unlink(missing_ok=True)
-        index = cls(out_dir, device=device, precision=precision)
+        index = cls(out_dir, device=device, precision=precision, runtime=runtime)
         index.last_report = dataclasses.replace(report, seconds=time.perf_counter() - started)
         logger.info("built %s: %d images, %d-bit codes, %d bad files skipped", out_dir, report.count,
                     index.n_bits, report.n_bad)
@@ -501,7 +563,8 @@ class ImageIndex:
             self.refresh()
             collect_garbage(self.index_dir, self.manifest)
             builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
-                              precision=self.precision.name, model_lock=self._model_lock)
+                              precision=self.precision.name, model_lock=self._model_lock,
+                              onnx=self._onnx[0] if self.runtime == "onnx" else None)
             recorded = frozenset(p for paths in self._state.metadata.duplicates().values() for p in paths)
             report = builder.commit(dict(self.manifest), self._state.metadata.by_hash(), files, self.encoder,
                                     batch_size=batch_size, num_workers=num_workers, progress=progress,
@@ -567,11 +630,16 @@ class ImageIndex:
         -------
         ndarray of float32, shape (n, D)
         """
+        if not len(images):
+            raise InputError("images: expected at least one image, got none")
+        if self.runtime == "onnx":
+            runner, preprocess = self._onnx
+            batch = np.stack([preprocess(open_image(im)) for im in images])
+            with self._model_lock:
+                return runner(batch)
         import torch
 
         tensors = [self.transform(open_image(im)) for im in images]
-        if not tensors:
-            raise InputError("images: expected at least one image, got none")
         batch = self.precision.prepare_input(torch.stack(tensors).to(self.device))
         with self._model_lock, torch.inference_mode(), self.precision.autocast():
             out = self.model.features(batch)
@@ -619,7 +687,7 @@ class ImageIndex:
 
         self._check_search_args(k, rerank, rerank_factor)
         query = check_array(np.asarray(features).reshape(1, -1), name="features")
-        return _search_codes(self._state, self.encoder.transform(query), query if rerank else None, k,
+        return _search_codes(self._state, self._codes.transform(query), query if rerank else None, k,
                              rerank_factor)
 
     def search_id(self, image_id: int, k: int = 10, *, rerank: bool = False,
@@ -683,7 +751,10 @@ class ImageIndex:
             "count": state.count,
             "bits": m["bits"],
             "image_size": m["image_size"],
-            "precision": {"built": m.get("precision", "fp32"), "loaded": self.precision.name},
+            "precision": {"built": m.get("precision", "fp32"),
+                          "loaded": "fp32" if self.runtime == "onnx" else self.precision.name},
+            "runtime": {"built": m.get("runtime", "torch"), "loaded": self.runtime,
+                        "onnx_graph": bool(m.get("onnx"))},
             "backbone": m["model"]["backbone"],
             # "dfsnet": a trained DFSNet checkpoint; "backbone": a pretrained backbone, no training
             "model_kind": m["model"].get("kind", "dfsnet"),
@@ -730,7 +801,8 @@ def _search_codes(state: _Generation, codes: np.ndarray, query: np.ndarray | Non
 
 def _write_first_generation(model_path: Path | None, model, meta, out_dir: Path, files, encoder, *, bits, fit_on,
                             selector, hasher, fit_sample, store_features, image_size, batch_size, num_workers,
-                            device, precision, progress, base_generation: int = 0) -> AddReport:
+                            device, precision, runtime, precision_arg, progress,
+                            base_generation: int = 0) -> AddReport:
     """Copy the model (or save the pretrained backbone), fit or copy the encoder and write the first
     generation of a new index (``base_generation + 1``: above every generation of an index it replaces)."""
     from dfsnet.models import checkpoint_hash
@@ -749,6 +821,10 @@ def _write_first_generation(model_path: Path | None, model, meta, out_dir: Path,
             raise RuntimeError(f"model_path: {model_path} changed while it was being copied")
         builder = Builder.from_checkpoint(out_dir, image_size, device, precision=precision)
         source = str(model_path)
+    onnx_entry, builder.onnx = export_onnx_graph(builder.model, out_dir, image_size, runtime=runtime,
+                                                 device_type=device.type, precision=precision_arg)
+    if builder.onnx is not None:
+        precision = "fp32"
     if encoder is None and fit_on is not None:
         encoder = builder.fit_encoder(fit_on, bits=bits, selector=selector, hasher=hasher, batch_size=batch_size,
                                       num_workers=num_workers, progress=progress)
@@ -789,6 +865,8 @@ def _write_first_generation(model_path: Path | None, model, meta, out_dir: Path,
         "bits": int(encoder.n_bits_),
         "image_size": image_size,
         "precision": precision,
+        "runtime": "torch" if builder.onnx is None else "onnx",
+        "onnx": onnx_entry,
         "supervised": kind == "dfsnet" or fit_on is not None,
         "checkpoint": {"hash": checkpoint_hash(out_dir / MODEL_FILE), "file": MODEL_FILE, "source": source},
         "model": model_entry,
@@ -805,6 +883,39 @@ def _write_first_generation(model_path: Path | None, model, meta, out_dir: Path,
     }
     # keep_previous=False: the files of an index this one replaces (build --force) go.
     return builder.finish(manifest, plan, features, encoder, keep_previous=False)
+
+
+def _query_runtime(runtime: str, manifest: dict, device, precision: str) -> str:
+    """The runtime an index's queries use: "onnx" (its graph in ONNX Runtime) or "torch"."""
+    runtime = effective_runtime(runtime)
+    if runtime == "torch":
+        return "torch"
+    device_type = "cpu" if device is None or str(device) == "auto" else str(device).partition(":")[0]
+    if not manifest.get("onnx"):
+        if runtime == "onnx":
+            raise InputError("runtime: the index has no ONNX graph (it was built with runtime torch, without "
+                             "onnxscript installed, or by an older dfsnet); use runtime torch (--runtime torch)")
+        return "torch"
+    return resolve_runtime(runtime, device_type=device_type, precision=precision)
+
+
+def _load_onnx(index_dir: Path, manifest: dict) -> tuple:
+    """``(OnnxFeatures, EvalPreprocess)`` of an index's graph, its checksum and shapes checked."""
+    from dfsnet.preprocess import eval_preprocess
+    from dfsnet.runtime import OnnxFeatures
+
+    entry = manifest["onnx"]
+    path = index_dir / ONNX_FILE
+    if sha256_file(path) != entry["sha256"]:
+        raise IndexDamagedError(f"index_dir: {ONNX_FILE} does not match the sha256 recorded in the manifest; "
+                                "the file was replaced or damaged (`dfsnet index verify`); search with runtime "
+                                "torch (--runtime torch) meanwhile")
+    runner = OnnxFeatures(path)
+    if list(runner.input_shape) != entry["input_shape"] or runner.feature_dim != manifest["model"]["feature_dim"]:
+        raise IndexDamagedError(f"index_dir: {ONNX_FILE} maps {runner.input_shape} images to {runner.feature_dim} "
+                                f"features, but the manifest says {tuple(entry['input_shape'])} and "
+                                f"{manifest['model']['feature_dim']}")
+    return runner, eval_preprocess(entry["preprocess"], image_size=manifest["image_size"])
 
 
 def _training_selection(model_path: Path | None) -> dict | None:

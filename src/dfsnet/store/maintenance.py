@@ -24,6 +24,7 @@ from dfsnet.store.manifest import (
     GENERATION_FILE,
     MANIFEST,
     MODEL_FILE,
+    ONNX_FILE,
     parse_manifest,
     read_manifest,
     referenced_files,
@@ -104,7 +105,7 @@ class RepairReport:
 
 
 def find_remains(index_dir: Path) -> list[tuple[str, int]]:
-    """The files of an index in ``index_dir`` as ``(name, generation)`` (0 for the model and encoder)."""
+    """The files of an index in ``index_dir`` as ``(name, generation)`` (0 for the model, encoder and ONNX graph)."""
     if not index_dir.is_dir():
         return []
     found = []
@@ -112,7 +113,7 @@ def find_remains(index_dir: Path) -> list[tuple[str, int]]:
         match = GENERATION_FILE.match(name)
         if match:
             found.append((name, int(match.group(2))))
-        elif name in (MODEL_FILE, ENCODER_FILE):
+        elif name in (MODEL_FILE, ENCODER_FILE, ONNX_FILE):
             found.append((name, 0))
         elif name == MANIFEST:
             try:

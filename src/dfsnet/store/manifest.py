@@ -8,6 +8,9 @@ Index folder layout (format version 1)::
                                 `dfsnet index repair` can recover the newest complete one
     model.safetensors           copy of the checkpoint (the index is self-contained)
     encoder.npz                 the fitted selector + hasher (dfsnet.hashing.Encoder)
+    model.onnx                  the model's features() as an ONNX graph (optional: when the
+                                exporter was installed), so queries run in ONNX Runtime
+                                without torch; its SHA-256 is in the manifest's ``onnx`` entry
     codes.<gen>.hidx            HammingIndex of generation <gen>
     metadata.<gen>.sqlite       one row per indexed image: id, path, sha256, size, mtime, label
     features.<gen>.npy          float32 features of the images added in generation <gen>
@@ -29,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from dfsnet import __version__
-from dfsnet._io import atomic_write_text, sha256_file
+from dfsnet._io import atomic_write_text, checkpoint_hash, sha256_file
 from dfsnet.errors import InputError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "MODEL_FILE", "ENCODER_FILE", "IndexDamagedError",
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "MODEL_FILE", "ENCODER_FILE", "ONNX_FILE", "IndexDamagedError",
            "read_manifest", "parse_manifest", "write_manifest", "generation_file", "backup_file",
            "referenced_files", "encoder_params", "check_compatible", "check_same_index", "file_checksum",
            "next_id"]
@@ -42,6 +45,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 ENCODER_FILE = "encoder.npz"
+ONNX_FILE = "model.onnx"
 # Files the store creates and may delete when no manifest names them.
 OWNED = re.compile(r"^(codes\.\d+\.hidx|metadata\.\d+\.sqlite(-journal|-wal|-shm)?|features\.\d+\.npy"
                    r"|manifest\.\d+\.json|\..+\.tmp(-journal)?)$")
@@ -77,9 +81,11 @@ def backup_file(generation: int) -> str:
 
 
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
-    """Every file a manifest names besides itself: model, encoder, codes, metadata, feature chunks."""
+    """Every file a manifest names besides itself: model, encoder, ONNX graph, codes, metadata, feature
+    chunks."""
     files = manifest["files"]
-    return [MODEL_FILE, ENCODER_FILE, *(n for n in (files["codes"], files["metadata"]) if n is not None),
+    return [MODEL_FILE, ENCODER_FILE, *([ONNX_FILE] if manifest.get("onnx") else []),
+            *(n for n in (files["codes"], files["metadata"]) if n is not None),
             *(c["file"] for c in files["features"] or [])]
 
 
@@ -132,6 +138,10 @@ def parse_manifest(text: str | bytes, *, where: str) -> dict[str, Any]:
         problems.append("'encoder.sha256' (str)")
     if isinstance(manifest.get("model"), dict) and not isinstance(manifest["model"].get("feature_dim"), int):
         problems.append("'model.feature_dim' (int)")
+    onnx = manifest.get("onnx")
+    if onnx is not None and not (isinstance(onnx, dict) and isinstance(onnx.get("sha256"), str)
+                                 and isinstance(onnx.get("input_shape"), list)):
+        problems.append("'onnx' (null, or {sha256, input_shape, ...})")
     if "checksums" in manifest and not isinstance(manifest["checksums"], dict):
         problems.append("'checksums' (dict)")
     if problems:
@@ -195,8 +205,6 @@ def check_compatible(index_dir: Path, manifest: dict, *, model=None, bits: int |
     InputError
         Naming what the index holds and what was given.
     """
-    from dfsnet.models import checkpoint_hash
-
     built = manifest["checkpoint"]
     if model is not None:
         found = checkpoint_hash(model)

@@ -33,7 +33,7 @@ from dfsnet import __version__
 from dfsnet._io import atomic_write, sha256_file
 from dfsnet.errors import InputError, NotFoundError
 from dfsnet.hashing.bits import n_bytes
-from dfsnet.store.builder import AddReport, Builder, scan_images
+from dfsnet.store.builder import AddReport, Builder, export_onnx_graph, scan_images
 from dfsnet.store.image_index import ImageIndex, SearchHit, _search_codes
 from dfsnet.store.maintenance import PruneReport, RemoveReport
 from dfsnet.store.manifest import (
@@ -379,8 +379,9 @@ class MilvusIndex(ImageIndex):
     def build(cls, model_path, images_dir, out_dir, *, uri: str, collection: str | None = None,
               bits: int | None = None, fit_on=None, selector: str | None = "gain_ratio", hasher: str = "sample_mean",
               store_features: bool = False, image_size: int | None = None, batch_size: int = 64,
-              num_workers: int | None = None, device=None, precision: str = "auto", progress: bool = False,
-              force: bool = False, shard: str | None = None, timeout: float = 10.0) -> MilvusIndex:
+              num_workers: int | None = None, device=None, precision: str = "auto", runtime: str = "auto",
+              progress: bool = False, force: bool = False, shard: str | None = None,
+              timeout: float = 10.0) -> MilvusIndex:
         """Create the collection and the index folder ``out_dir``, then add ``images_dir`` (or its
         ``shard``). Parameters as :meth:`ImageIndex.build`, plus:
 
@@ -422,6 +423,8 @@ class MilvusIndex(ImageIndex):
         with atomic_write(out_dir / MODEL_FILE) as fh, open(model_path, "rb") as src:
             shutil.copyfileobj(src, fh, 1 << 20)
         builder = Builder.from_checkpoint(out_dir, image_size, device, precision=prec.name)
+        onnx_entry, _ = export_onnx_graph(builder.model, out_dir, image_size, runtime=runtime,
+                                          device_type=device.type, precision=precision)
         if fit_on is not None:
             encoder = builder.fit_encoder(fit_on, bits=bits, selector=selector, hasher=hasher,
                                           batch_size=batch_size, num_workers=num_workers, progress=progress)
@@ -436,7 +439,7 @@ class MilvusIndex(ImageIndex):
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "dfsnet_version": __version__,
             "generation": 1, "created": now(), "updated": now(), "count": 0, "next_id": 0,
-            "bits": int(encoder.n_bits_), "image_size": image_size, "precision": prec.name,
+            "bits": int(encoder.n_bits_), "image_size": image_size, "precision": prec.name, "onnx": onnx_entry,
             "checkpoint": {"hash": checkpoint_hash(out_dir / MODEL_FILE), "file": MODEL_FILE,
                            "source": str(model_path)},
             "model": {"backbone": meta.name, "timm_name": meta.timm_name, "num_classes": meta.num_classes,
@@ -455,7 +458,7 @@ class MilvusIndex(ImageIndex):
         }
         MilvusCodes.create(uri, collection, _identity(manifest), nlist=nlist, timeout=timeout, force=force)
         write_manifest(out_dir, manifest)
-        index = cls(out_dir, device=device, precision=precision)
+        index = cls(out_dir, device=device, precision=precision, runtime=runtime)
         report = index.add(images_dir, shard=shard_spec and f"{shard_spec[0]}/{shard_spec[1]}",
                            batch_size=batch_size, num_workers=num_workers, progress=progress)
         index.last_report = dataclasses.replace(report, seconds=time.perf_counter() - started)
@@ -495,7 +498,8 @@ class MilvusIndex(ImageIndex):
         added = 0
         if new:
             builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
-                              precision=self.precision.name, model_lock=self._model_lock)
+                              precision=self.precision.name, model_lock=self._model_lock,
+                              onnx=self._onnx[0] if self.runtime == "onnx" else None)
             features, ok = builder.extract([c[0] for c in new], batch_size=batch_size, num_workers=num_workers,
                                            progress=progress)
             bad += [new[j][0] for j in np.flatnonzero(~ok)]
@@ -568,7 +572,9 @@ class MilvusIndex(ImageIndex):
         return {
             "index_dir": str(self.index_dir), "generation": self._state.generation, "count": len(self),
             "bits": m["bits"], "image_size": m["image_size"],
-            "precision": {"built": m.get("precision", "fp32"), "loaded": self.precision.name},
+            "precision": {"built": m.get("precision", "fp32"),
+                          "loaded": "fp32" if self.runtime == "onnx" else self.precision.name},
+            "runtime": {"loaded": self.runtime, "onnx_graph": bool(m.get("onnx"))},
             "backbone": m["model"]["backbone"], "num_classes": m["model"]["num_classes"],
             "feature_dim": m["model"]["feature_dim"], "checkpoint": m["checkpoint"],
             "encoder": {k: m["encoder"][k] for k in ("source", "fit_on", "params")},

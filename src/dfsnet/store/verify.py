@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dfsnet._io import sha256_file
+from dfsnet._io import checkpoint_hash, sha256_file
 from dfsnet._validation import check_choice, check_positive_int
 from dfsnet.store.files import checksum_problem, feature_problem, is_regular_file
-from dfsnet.store.manifest import ENCODER_FILE, MODEL_FILE, next_id, read_manifest, referenced_files
+from dfsnet.store.manifest import ENCODER_FILE, MODEL_FILE, ONNX_FILE, next_id, read_manifest, referenced_files
 from dfsnet.store.metadata import sqlite_header_problem, sqlite_uri
 
 __all__ = ["VerifyReport", "verify_index", "verify_generation"]
@@ -92,8 +92,6 @@ def verify_generation(index_dir: Path, manifest: dict, *, model=None, files: str
     necessarily the committed one."""
     from dfsnet.hashing import Encoder
     from dfsnet.index import HammingIndex
-    from dfsnet.models import checkpoint_hash
-
     errors: list[str] = []
     notes: list[str] = []
     generation, count, bits = int(manifest["generation"]), int(manifest["count"]), int(manifest["bits"])
@@ -105,7 +103,7 @@ def verify_generation(index_dir: Path, manifest: dict, *, model=None, files: str
         return VerifyReport(errors, 0, count, generation)
 
     recorded = manifest.get("checksums") or {}
-    unsummed = [n for n in names if n not in (MODEL_FILE, ENCODER_FILE) and n not in recorded]
+    unsummed = [n for n in names if n not in (MODEL_FILE, ENCODER_FILE, ONNX_FILE) and n not in recorded]
     if unsummed:
         notes.append(f"the manifest records no checksum of {', '.join(unsummed)} (written by an older dfsnet); "
                      "those files were checked by their structure only")
@@ -126,6 +124,9 @@ def verify_generation(index_dir: Path, manifest: dict, *, model=None, files: str
         if given != built:
             errors.append(f"the index was built with checkpoint {manifest['checkpoint'].get('source')} (hash {built}), "
                           f"not with {Path(model).resolve()} (hash {given})")
+    onnx = manifest.get("onnx")
+    if onnx and sha256_file(index_dir / ONNX_FILE) != onnx["sha256"]:
+        errors.append(f"{ONNX_FILE} is damaged or replaced: it does not match the sha256 recorded in the manifest")
     if sha256_file(index_dir / ENCODER_FILE) != manifest["encoder"]["sha256"]:
         errors.append(f"{ENCODER_FILE} is damaged or replaced: it does not match the sha256 recorded in the manifest")
     else:
