@@ -14,11 +14,15 @@ Runs alternate (baseline, pipeline, baseline, ...) so that load changes on a sha
 both alike; the ratio uses each side's best repeat (the least disturbed one) and the medians are
 reported too. Target: pipeline / baseline >= 0.9 (pipeline overhead at most 10%).
 
-Second part, precision: ``extract_features(precision="auto")`` (bf16 autocast + channels_last
-where the CPU has AMX / AVX512-BF16, see ``dfsnet.precision``) against the fp32 eager
-NCHW baseline ``extract_features(precision="fp32")``, on the same tensors, at each
-``--sizes``; with the agreement of the pooled features (minimum cosine, relative error).
-Target: auto / fp32 >= 2.5 at 224 px.
+Second part, precision and runtime, at each ``--sizes``, on the same tensors, against the fp32
+eager NCHW baseline ``extract_features(precision="fp32", runtime="torch")``:
+- ``bf16``: ``extract_features(precision="auto", runtime="torch")`` (bf16 autocast +
+  channels_last where the CPU has AMX / AVX512-BF16, see ``dfsnet.precision``);
+- ``onnx``: the network exported once (``dfsnet.runtime.export_features``, its time reported
+  apart) and run by ``extract_features`` in ONNX Runtime, fp32: what an index build, ``add``,
+  search and serve run by default on a CPU.
+With the agreement of the pooled features with the baseline's (minimum cosine, relative error).
+Target: >= 2.5x the baseline at 224 px.
 
 Usage: .venv/bin/python benchmarks/bench_extract.py [--n-images 512] [--batch-size 64]
        [--image-size 128] [--sizes 128 224] [--repeats 3] [--threads N]
@@ -27,6 +31,7 @@ Writes benchmarks/results/bench_extract.json.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -58,34 +63,50 @@ def bare_timm(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> 
 
 
 def compare_precisions(net: DFSNet, size: int, args) -> dict:
-    """extract_features in "auto" against "fp32" at ``size`` px, alternating, on the same tensors."""
+    """fp32 torch (the baseline), bf16 torch and ONNX Runtime at ``size`` px, alternating, same tensors."""
     from dfsnet.precision import resolve_precision
+    from dfsnet.runtime import OnnxFeatures, export_features
 
     torch.manual_seed(1)
     images = torch.randn(args.n_images, 3, size, size)
     dataset = TensorDataset(images, torch.zeros(args.n_images, dtype=torch.int64))
     warm = TensorDataset(images[: args.batch_size], torch.zeros(args.batch_size, dtype=torch.int64))
-    for precision in ("fp32", "auto"):
-        extract_features(net, warm, batch_size=args.batch_size, device="cpu", precision=precision)
-    times = {"fp32": [], "auto": []}
+    t = time.perf_counter()
+    graph = OnnxFeatures(export_features(net, (3, size, size)), threads=torch.get_num_threads())
+    export_seconds = time.perf_counter() - t
+    sides = {"fp32": (net, "fp32"), "bf16": (net, "auto"), "onnx": (graph, "fp32")}
+
+    def run(side, data):
+        model, precision = sides[side]
+        return extract_features(model, data, batch_size=args.batch_size, device="cpu", precision=precision,
+                                runtime="onnx" if side == "onnx" else "torch")
+
+    for side in sides:
+        run(side, warm)
+    times = {side: [] for side in sides}
     outputs = {}
     for _ in range(args.repeats):
-        for precision in ("fp32", "auto"):
+        for side in sides:
             t = time.perf_counter()
-            outputs[precision] = extract_features(net, dataset, batch_size=args.batch_size, device="cpu",
-                                                  precision=precision)
-            times[precision].append(time.perf_counter() - t)
-    a, b = outputs["fp32"], outputs["auto"]
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            outputs[side] = run(side, dataset)
+            times[side].append(time.perf_counter() - t)
+    a = outputs["fp32"]
     best = {k: args.n_images / min(v) for k, v in times.items()}
     median = {k: args.n_images / statistics.median(v) for k, v in times.items()}
+    agreement = {}
+    for side in ("bf16", "onnx"):
+        b = outputs[side]
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        agreement[side] = {"min_cosine": float(cosine.min()),
+                           "relative_error": float(np.linalg.norm(a - b) / np.linalg.norm(a))}
     return {
         "image_size": size, "auto_resolves_to": resolve_precision("auto", "cpu").name,
-        "baseline": "extract_features(precision='fp32'): fp32, NCHW, eager", "seconds": times,
+        "baseline": "extract_features(precision='fp32', runtime='torch'): fp32, NCHW, eager", "seconds": times,
+        "onnx_export_seconds": export_seconds,
         "images_per_s_best": best, "images_per_s_median": median,
-        "ratio_best": best["auto"] / best["fp32"], "ratio_median": median["auto"] / median["fp32"],
-        "min_cosine": float(cosine.min()),
-        "relative_error": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+        "ratio_best": {k: best[k] / best["fp32"] for k in ("bf16", "onnx")},
+        "ratio_median": {k: median[k] / median["fp32"] for k in ("bf16", "onnx")},
+        "agreement_with_fp32": agreement,
     }
 
 
@@ -150,7 +171,8 @@ def main() -> None:
         "precision": precision,
         "target_precision_ratio_224": TARGET_PRECISION_RATIO,
         "machine": {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__,
-                    "timm": timm.__version__, "python": platform.python_version()},
+                    "timm": timm.__version__, "onnxruntime": importlib.metadata.version("onnxruntime"),
+                    "python": platform.python_version()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
@@ -161,10 +183,15 @@ def main() -> None:
     print(f"ratio pipeline / bare timm: {ratio:.3f} (median {ratio_median:.3f}; target >= {TARGET_RATIO}); "
           f"max |feature difference| {max_diff:.2e}")
     for size, row in precision.items():
-        print(f"{size} px: fp32 eager NCHW {row['images_per_s_best']['fp32']:.1f} images/s, auto "
-              f"({row['auto_resolves_to']}) {row['images_per_s_best']['auto']:.1f} images/s: ratio auto / fp32 "
-              f"{row['ratio_best']:.2f} (median {row['ratio_median']:.2f}); features: min cosine "
-              f"{row['min_cosine']:.5f}, relative error {row['relative_error']:.4f}")
+        speed = row["images_per_s_best"]
+        print(f"{size} px: baseline torch fp32 eager NCHW {speed['fp32']:.1f} images/s")
+        for side, what in (("bf16", f"torch {row['auto_resolves_to']} + channels_last"),
+                           ("onnx", "ONNX Runtime fp32")):
+            agree = row["agreement_with_fp32"][side]
+            print(f"  {what}: {speed[side]:.1f} images/s, ratio {row['ratio_best'][side]:.2f} (median "
+                  f"{row['ratio_median'][side]:.2f}); features vs baseline: min cosine {agree['min_cosine']:.6f}, "
+                  f"relative error {agree['relative_error']:.2e}")
+        print(f"  (ONNX export, once: {row['onnx_export_seconds']:.1f} s)")
     print(f"wrote {args.out}")
 
 

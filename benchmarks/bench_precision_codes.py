@@ -1,11 +1,12 @@
-"""Benchmark: do codes agree between precisions? fp32 against bf16 (``precision="auto"`` here).
+"""Benchmark: do codes agree between precisions and runtimes? torch fp32 against bf16 and ONNX Runtime.
 
 Data: the first ``--per-class`` CIFAR-10 test images of each class (``../shared/datasets/cifar10``),
 at ``--image-size`` px through EfficientNet-Lite0 with its offline ImageNet weights (pooled
-features, ``DFSNet(dfs=False)``), extracted once in fp32 (the baseline) and once in bf16 autocast
-+ channels_last, in the same run. Encoders fitted on the fp32 features of the even-numbered
-images: the paper's 64-bit gain ratio + sample-mean hash, and 64-bit ITQ. Measured on the odd
-ones: the share of codes identical between the two precisions, the mean number of differing
+features, ``DFSNet(dfs=False)``), extracted in torch fp32 (the baseline), in torch bf16 autocast +
+channels_last (``precision="auto"``, ``runtime="torch"``) and in ONNX Runtime fp32 (``runtime="onnx"``,
+what an index builds and searches with by default on a CPU), in the same run. Encoders fitted on
+the fp32 features of the even-numbered images: the paper's 64-bit gain ratio + sample-mean hash,
+and 64-bit ITQ. Measured on the odd ones: the share of codes identical with the baseline's, the mean number of differing
 bits, and mAP@100 of bf16 queries against an fp32 database (an index built in one precision and
 searched in the other) against fp32 / fp32.
 
@@ -51,21 +52,28 @@ def main() -> int:
     picks = np.concatenate([np.flatnonzero(folder.targets == c)[: args.per_class] for c in range(10)])
     data = Subset(folder, np.sort(picks))
     labels = data.targets
-    feats = {p: extract_features(net, data, precision=p, device="cpu") for p in ("fp32", "auto")}
+    feats = {"fp32": extract_features(net, data, precision="fp32", runtime="torch", device="cpu"),
+             "auto": extract_features(net, data, precision="auto", runtime="torch", device="cpu"),
+             "onnx": extract_features(net, data, runtime="onnx", device="cpu")}
     fit, held = np.arange(0, len(data), 2), np.arange(1, len(data), 2)
     rows = {}
     for name, enc in (("paper", make_encoder("gain_ratio", "sample_mean", n_bits=64)),
                       ("itq", make_encoder(None, "itq", n_bits=64))):
         enc.fit(feats["fp32"][fit], labels[fit])
-        a, b = enc.transform(feats["fp32"][held]), enc.transform(feats["auto"][held])
-        diff = np.unpackbits(a ^ b, axis=1).sum(axis=1)
+        a = enc.transform(feats["fp32"][held])
         same = hamming_map(a, a, labels[held], labels[held], k=100).map
-        cross = hamming_map(b, a, labels[held], labels[held], k=100).map
-        rows[name] = {"codes_identical": float((diff == 0).mean()), "mean_bits_differing": float(diff.mean()),
-                      "map_at_100_fp32_queries_fp32_db": same, "map_at_100_bf16_queries_fp32_db": cross}
-        print(f"{name}: {100 * rows[name]['codes_identical']:.1f} % of 64-bit codes identical between fp32 and "
-              f"{resolve_precision('auto', 'cpu').name}, {diff.mean():.3f} bits differ on average; mAP@100 "
-              f"fp32/fp32 {same:.4f}, bf16 queries against fp32 codes {cross:.4f}")
+        rows[name] = {"map_at_100_fp32_queries_fp32_db": same}
+        for side, what in (("auto", f"torch {resolve_precision('auto', 'cpu').name}"), ("onnx", "ONNX Runtime")):
+            b = enc.transform(feats[side][held])
+            diff = np.unpackbits(a ^ b, axis=1).sum(axis=1)
+            cross = hamming_map(b, a, labels[held], labels[held], k=100).map
+            label = "bf16" if side == "auto" else "onnx"
+            rows[name] |= {f"codes_identical_{label}": float((diff == 0).mean()),
+                           f"mean_bits_differing_{label}": float(diff.mean()),
+                           f"map_at_100_{label}_queries_fp32_db": cross}
+            print(f"{name}: {100 * (diff == 0).mean():.1f} % of 64-bit codes identical between torch fp32 and "
+                  f"{what}, {diff.mean():.3f} bits differ on average; mAP@100 fp32/fp32 {same:.4f}, "
+                  f"{what} queries against fp32 codes {cross:.4f}")
     result = {"benchmark": "bench_precision_codes", "baseline": "fp32 features and codes, same run",
               "auto_resolves_to": resolve_precision("auto", "cpu").name, "images": int(len(data)),
               "held_out": int(len(held)), "image_size": args.image_size, "rows": rows,

@@ -162,7 +162,7 @@ def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *
                                         output_names=[OUTPUT_NAME], dynamic_shapes={"x": {0: batch}},
                                         verbose=False, optimize=True)
         except Exception as exc:  # the exporter raises many types; the caller falls back to torch
-            raise RuntimeError(f"model: the ONNX export failed: {type(exc).__name__}: {exc}") from exc
+            raise RuntimeError(f"model: the ONNX export failed: {_first_line(exc)}") from exc
     data = program.model_proto.SerializeToString()
     if check:
         with torch.inference_mode():
@@ -174,6 +174,16 @@ def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *
                                f"(relative; at most {PARITY_TOLERANCE} expected)")
         logger.debug("onnx export: relative difference to torch fp32 %.2e", error)
     return data
+
+
+def _first_line(exc: BaseException) -> str:
+    """The root cause of an exporter error on one line: its reports are pages long, in ANSI colours."""
+    import re
+
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
 class OnnxFeatures:

@@ -267,6 +267,9 @@ def _info(args) -> int:
                      if info["encoder"]["source"] == "collection" else info["encoder"]["source"])
                     + f" {json.dumps(info['encoder']['params'])}"),
         *([("chosen", _selection_text(info["encoder"]["selection"]))] if info["encoder"].get("selection") else []),
+        ("runtime", ("queries in ONNX Runtime (model.onnx, fp32)" if info["runtime"]["loaded"] == "onnx" else
+                     "queries in torch" + ("" if info["runtime"]["onnx_graph"] else " (the index has no ONNX graph)"))
+                    + f"; built in {info['runtime'].get('built', 'torch')}, {info['precision']['built']}"),
         ("features", "stored (re-ranking available)" if info["has_features"] else "not stored"),
         ("labels", f"{len(labels)}: {shown}{' ...' if len(labels) > 12 else ''}"),
         ("skipped", f"{info['stats']['n_bad']} unreadable, {info['stats']['n_duplicates']} duplicates"),

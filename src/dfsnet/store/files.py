@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dfsnet._io import sha256_file
-from dfsnet.store.manifest import IndexDamagedError, referenced_files
+from dfsnet.store.manifest import ONNX_FILE, IndexDamagedError, referenced_files
 from dfsnet.store.metadata import sqlite_header_problem
 
 __all__ = ["NpyLayout", "npy_layout", "check_present", "check_on_load", "checksum_problem", "is_regular_file"]
@@ -59,8 +59,11 @@ def is_regular_file(path: str | os.PathLike) -> bool:
 
 
 def check_present(index_dir: Path, manifest: dict) -> None:
-    """Raise :class:`IndexDamagedError` naming the files the manifest names that are missing."""
-    missing = [n for n in referenced_files(manifest) if not is_regular_file(index_dir / n)]
+    """Raise :class:`IndexDamagedError` naming the files the manifest names that are missing.
+
+    The ONNX graph is not required here: torch serves an index without it (a query in ONNX
+    Runtime checks it when it loads it)."""
+    missing = [n for n in referenced_files(manifest) if n != ONNX_FILE and not is_regular_file(index_dir / n)]
     if missing:
         raise IndexDamagedError(f"index_dir: files named by the manifest of {index_dir} are missing: "
                                 f"{', '.join(missing)}; {_HINT}")

@@ -906,6 +906,9 @@ def _load_onnx(index_dir: Path, manifest: dict) -> tuple:
 
     entry = manifest["onnx"]
     path = index_dir / ONNX_FILE
+    if not path.is_file():
+        raise IndexDamagedError(f"index_dir: {ONNX_FILE}, named by the manifest, is missing; search with "
+                                "runtime torch (--runtime torch), or rebuild the index to restore it")
     if sha256_file(path) != entry["sha256"]:
         raise IndexDamagedError(f"index_dir: {ONNX_FILE} does not match the sha256 recorded in the manifest; "
                                 "the file was replaced or damaged (`dfsnet index verify`); search with runtime "
