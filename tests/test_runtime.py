@@ -208,11 +208,15 @@ def test_a_graph_of_another_signature_is_refused():
     pytest.importorskip("onnx")
     from onnx import helper
 
-    # images in, images out: no (N, D) features
+    # images in, a 3-d output: neither (N, D) features nor (N, C, h, w) maps
+    flat = _graph([("images", ["N", 3, 32, 32])], [("features", ["N", 3, 32])],
+                  [helper.make_node("ReduceMean", ["images"], ["features"], axes=[3], keepdims=0)])
+    with pytest.raises(InputError, match="expected an ONNX graph from"):
+        OnnxFeatures(flat)
+    # maps are a valid output
     identity = _graph([("images", ["N", 3, 32, 32])], [("features", ["N", 3, 32, 32])],
                       [helper.make_node("Identity", ["images"], ["features"])])
-    with pytest.raises(InputError, match="expected an ONNX graph from"):
-        OnnxFeatures(identity)
+    assert OnnxFeatures(identity).output_shape == (3, 32, 32)
     # a dynamic image size: the graph does not say what it takes
     flatten = _graph([("images", ["N", 3, "H", "W"])], [("features", ["N", 3])],
                      [helper.make_node("ReduceMean", ["images"], ["features"], axes=[2, 3], keepdims=0)])
@@ -265,3 +269,29 @@ def test_the_parity_check_refuses_a_graph_that_differs(monkeypatch):
     monkeypatch.setattr(rt, "OnnxFeatures", Zeros)
     with pytest.raises(RuntimeError, match="differ from torch's"):
         export_features(model, SHAPE)
+
+
+# ------------------------------------------------------------------------------------------------
+# feature maps and whole datasets through the graph
+
+
+def test_feature_maps_through_onnx_equal_torch_fp32_and_share_its_cache_key(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from dfsnet.features import cached_feature_maps, extract_features
+    from dfsnet.models import DFSNet, create_backbone
+
+    torch.manual_seed(3)
+    backbone = create_backbone("test_efficientnet", pretrained=False)
+    data = TensorDataset(torch.randn(12, *SHAPE), torch.arange(12) % 3)
+    onnx = cached_feature_maps(backbone, data, cache_dir=tmp_path / "a", batch_size=5, runtime="onnx",
+                               device="cpu")
+    ref = cached_feature_maps(backbone, data, cache_dir=tmp_path / "b", batch_size=5, runtime="torch",
+                              precision="fp32", device="cpu")
+    assert onnx.maps.shape == ref.maps.shape and onnx.maps.dtype == np.float16
+    np.testing.assert_allclose(onnx.maps.astype(np.float32), ref.maps.astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert onnx.path.name == ref.path.name  # the same key: ONNX Runtime runs fp32
+    net = DFSNet(backbone, num_classes=3).eval()
+    got = extract_features(net, data, batch_size=5, runtime="onnx", device="cpu")
+    want = extract_features(net, data, batch_size=5, runtime="torch", precision="fp32", device="cpu")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -102,8 +102,9 @@ def resolve_runtime(runtime: str = DEFAULT_RUNTIME, *, device_type: str = "cpu",
     return "onnx" if device_type == "cpu" and precision != "bf16" and available else "torch"
 
 
-def _features_module(model):
-    """``model.features`` as a module's forward, which is what the exporter traces."""
+def _features_module(model, maps: bool):
+    """``model.features`` (or, with ``maps``, ``model`` itself) as a module's forward, which is what
+    the exporter traces."""
     import torch
 
     class FeaturesOf(torch.nn.Module):
@@ -112,12 +113,13 @@ def _features_module(model):
             self.inner = inner
 
         def forward(self, x):
-            return self.inner.features(x).float()
+            return (self.inner(x) if maps else self.inner.features(x)).float()
 
     return FeaturesOf(model)
 
 
-def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *, check: bool = True) -> bytes:
+def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *, maps: bool = False,
+                    check: bool = True) -> bytes:
     """``model.features`` as a serialised ONNX graph, fp32, with a dynamic batch dimension.
 
     The model is traced on a CPU copy in eval mode and fp32; ``model`` itself is not changed.
@@ -128,6 +130,9 @@ def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *
         Anything with ``features(x float (N, 3, H, W)) -> float (N, D)``.
     input_shape : (3, H, W)
         The normalised image size the graph takes.
+    maps : bool
+        Export ``model``'s own forward instead, e.g. a backbone's ``(N, 3, H, W) -> (N, C, h, w)``
+        feature maps (for :func:`dfsnet.features.cached_feature_maps`).
     check : bool
         Run a probe batch through torch and ONNX Runtime and refuse a graph whose features
         differ by more than 1e-3 (relative to their scale).
@@ -150,7 +155,8 @@ def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *
     import torch
 
     c, h, w = (int(v) for v in input_shape)
-    module = _features_module(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval())
+    module = _features_module(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval(),
+                              maps)
     probe = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     # The exporter narrates each pass on stdout and warns about internals; neither is the user's business.
@@ -187,7 +193,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 class OnnxFeatures:
-    """A network's ``features()`` run by ONNX Runtime on the CPU (fp32).
+    """A network's ``features()`` (or a backbone's feature maps) run by ONNX Runtime on the CPU (fp32).
 
     Parameters
     ----------
@@ -202,7 +208,10 @@ class OnnxFeatures:
     ----------
     input_shape : tuple of int
         (3, H, W), the normalised image size the graph takes.
+    output_shape : tuple of int
+        (D,) for features, (C, h, w) for feature maps: an output row's shape.
     feature_dim : int
+        ``output_shape[0]``.
 
     Raises
     ------
@@ -229,13 +238,16 @@ class OnnxFeatures:
                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         shape = inputs[0].shape if len(inputs) == 1 else None
+        out = outputs[0].shape if len(outputs) == 1 else None
         if (shape is None or len(shape) != 4 or not all(isinstance(s, int) for s in shape[1:])
-                or len(outputs) != 1 or len(outputs[0].shape) != 2 or not isinstance(outputs[0].shape[1], int)):
-            raise InputError(f"model: expected an ONNX graph from (N, 3, H, W) images to (N, D) features, "
-                             f"found inputs {[i.shape for i in inputs]} and outputs {[o.shape for o in outputs]}")
+                or out is None or len(out) not in (2, 4) or not all(isinstance(s, int) for s in out[1:])):
+            raise InputError(f"model: expected an ONNX graph from (N, 3, H, W) images to (N, D) features or "
+                             f"(N, C, h, w) maps, found inputs {[i.shape for i in inputs]} and outputs "
+                             f"{[o.shape for o in outputs]}")
         self._input = inputs[0].name
         self.input_shape = tuple(int(s) for s in shape[1:])
-        self.feature_dim = int(outputs[0].shape[1])
+        self.output_shape = tuple(int(s) for s in out[1:])
+        self.feature_dim = self.output_shape[0]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Features of a batch.
@@ -247,7 +259,7 @@ class OnnxFeatures:
 
         Returns
         -------
-        ndarray of float32, shape (N, feature_dim)
+        ndarray of float32, shape (N, *output_shape)
         """
         images = np.ascontiguousarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != self.input_shape:

@@ -12,19 +12,24 @@ import torch
 from dfsnet._io import atomic_write
 from dfsnet._validation import check_positive_int
 from dfsnet.errors import InputError, InputTypeError
-from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
+from dfsnet.features._loader import (
+    check_cache_dir,
+    check_dataset,
+    exported_graph,
+    inference_on,
+    iter_batches,
+    onnx_wanted,
+    resolve_device,
+)
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
 from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
-from dfsnet.runtime import DEFAULT_RUNTIME, OnnxFeatures, effective_runtime, export_features, resolve_runtime
+from dfsnet.runtime import DEFAULT_RUNTIME, OnnxFeatures
 
 __all__ = ["extract_features", "extract_features_with_mask", "extract_from_maps", "features_cache_path"]
 
 logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
-#: Under runtime "auto", datasets this large are extracted in ONNX Runtime: at 150-200 images/s
-#: gained against torch, fewer would not repay the export (about 10 s for EfficientNet-Lite0).
-ONNX_MIN_ITEMS = 2_000
 
 
 def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int | None = None, device=None,
@@ -55,7 +60,7 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int |
         ``"onnx"``: export ``model.features`` (about 10 s for EfficientNet-Lite0) and run it in
         ONNX Runtime, fp32 on the CPU (:mod:`dfsnet.runtime`). ``"auto"`` does so where
         :func:`dfsnet.runtime.resolve_runtime` allows it and the dataset has at least
-        ``ONNX_MIN_ITEMS`` (2,000) items, which repay the export; torch otherwise.
+        ``dfsnet.features._loader.ONNX_MIN_ITEMS`` (2,000) items, which repay the export; torch otherwise.
     cache_dir : path, optional
         When given, the result is stored as ``features-<key>.npz`` there and reused. The key
         hashes the model's weights, the dataset's fingerprint (see
@@ -112,14 +117,7 @@ def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_work
     n = check_dataset(dataset)
     check_positive_int(batch_size, name="batch_size")
     dev = resolve_device("cpu" if onnx is not None else device)
-    runtime = effective_runtime(runtime)
-    if onnx is not None:
-        use_onnx = True
-    elif runtime == "onnx" or (runtime == "auto" and n >= ONNX_MIN_ITEMS):
-        use_onnx = resolve_runtime(runtime, device_type=dev.type, precision=precision, export=True) == "onnx"
-    else:
-        resolve_runtime(runtime, device_type=dev.type, precision=precision)  # checks the name
-        use_onnx = False
+    use_onnx = onnx is not None or onnx_wanted(runtime, n, dev.type, precision)
     prec = resolve_precision("fp32" if use_onnx else precision, dev)
     path = None
     if cache_dir is not None:
@@ -138,7 +136,7 @@ def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_work
             if batch.images is None:
                 continue
             if use_onnx and onnx is None:
-                onnx = _exported(model, tuple(batch.images.shape[1:]), runtime)
+                onnx = exported_graph(model, tuple(batch.images.shape[1:]), runtime)
                 use_onnx = onnx is not None
             if onnx is not None:
                 out = onnx(batch.images.numpy())
@@ -219,17 +217,6 @@ def extract_from_maps(model, maps, *, batch_size: int = 256, device=None,
     if not chunks:
         raise InputError("maps: expected at least one row, got 0")
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
-
-
-def _exported(model, input_shape: tuple[int, ...], runtime: str) -> OnnxFeatures | None:
-    """``model.features`` in ONNX Runtime; None (torch goes on) when the export fails under "auto"."""
-    try:
-        return OnnxFeatures(export_features(model, input_shape))
-    except RuntimeError as exc:
-        if runtime == "onnx":
-            raise InputError(f"runtime: {exc}") from None
-        logger.warning("%s; extracting in torch instead", exc)
-        return None
 
 
 def _load_cache(path: Path, n: int):

@@ -19,9 +19,18 @@ import torch
 
 from dfsnet._io import atomic_write
 from dfsnet.errors import InputError
-from dfsnet.features._loader import check_cache_dir, check_dataset, inference_on, iter_batches, resolve_device
+from dfsnet.features._loader import (
+    check_cache_dir,
+    check_dataset,
+    exported_graph,
+    inference_on,
+    iter_batches,
+    onnx_wanted,
+    resolve_device,
+)
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
 from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
+from dfsnet.runtime import DEFAULT_RUNTIME
 
 __all__ = ["FeatureMaps", "cached_feature_maps", "feature_maps_key"]
 
@@ -82,7 +91,7 @@ def feature_maps_key(backbone: torch.nn.Module, dataset, *, precision: str = "fp
 
 def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_size: int = 64,
                         num_workers: int | None = None, device=None, precision: str = DEFAULT_PRECISION,
-                        progress: bool = False) -> FeatureMaps:
+                        runtime: str = DEFAULT_RUNTIME, progress: bool = False) -> FeatureMaps:
     """Return the backbone's feature maps for every item of ``dataset``, computing them once.
 
     Parameters
@@ -103,6 +112,9 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     device : str or torch.device, optional
     precision : {"auto", "fp32", "bf16"}
         See :func:`dfsnet.precision.resolve_precision`; part of the cache key.
+    runtime : {"auto", "torch", "onnx"}
+        As in :func:`dfsnet.features.extract_features`: ONNX Runtime (fp32, so the cache key's
+        precision is "fp32") for the backbone exported once, under "auto" for at least 2,000 items.
     progress : bool
 
     Returns
@@ -112,7 +124,8 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     n = check_dataset(dataset)
     cache_dir = check_cache_dir(cache_dir)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    use_onnx = onnx_wanted(runtime, n, dev.type, precision)
+    prec = resolve_precision("fp32" if use_onnx else precision, dev)
     key = feature_maps_key(backbone, dataset, precision=prec.name)
     maps_path = cache_dir / f"maps-{key}.npy"
     meta_path = cache_dir / f"maps-{key}.meta.npz"
@@ -125,13 +138,20 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     ok = np.zeros(n, dtype=bool)
     shape = None
     pending = 0  # rows of unreadable items seen before the map shape is known
+    graph = None
     with atomic_write(maps_path) as fh, inference_on(backbone, dev, prec):
         for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
                                   device=dev, progress=progress, desc="feature maps"):
             out = None
             if batch.images is not None:
-                with prec.autocast():
-                    out = backbone(prec.prepare_input(batch.images))
+                if use_onnx and graph is None:
+                    graph = exported_graph(backbone, tuple(batch.images.shape[1:]), runtime, maps=True)
+                    use_onnx = graph is not None
+                if graph is not None:
+                    out = torch.from_numpy(graph(batch.images.numpy()))
+                else:
+                    with prec.autocast():
+                        out = backbone(prec.prepare_input(batch.images))
                 if out.ndim != 4:
                     raise InputError(f"backbone: expected a (N, C, h, w) feature map, got shape {tuple(out.shape)}")
                 if shape is None:

@@ -914,9 +914,9 @@ def _load_onnx(index_dir: Path, manifest: dict) -> tuple:
                                 "the file was replaced or damaged (`dfsnet index verify`); search with runtime "
                                 "torch (--runtime torch) meanwhile")
     runner = OnnxFeatures(path)
-    if list(runner.input_shape) != entry["input_shape"] or runner.feature_dim != manifest["model"]["feature_dim"]:
-        raise IndexDamagedError(f"index_dir: {ONNX_FILE} maps {runner.input_shape} images to {runner.feature_dim} "
-                                f"features, but the manifest says {tuple(entry['input_shape'])} and "
+    if list(runner.input_shape) != entry["input_shape"] or runner.output_shape != (manifest["model"]["feature_dim"],):
+        raise IndexDamagedError(f"index_dir: {ONNX_FILE} maps {runner.input_shape} images to {runner.output_shape} "
+                                f"outputs, but the manifest says {tuple(entry['input_shape'])} and "
                                 f"{manifest['model']['feature_dim']}")
     return runner, eval_preprocess(entry["preprocess"], image_size=manifest["image_size"])
 
