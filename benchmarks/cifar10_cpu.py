@@ -23,6 +23,7 @@ class.
     .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --name cifar10_cpu_head   # head-only
     .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --few-shot                # 20 per class
     .venv/bin/python benchmarks/cifar10_cpu.py --quick           # smoke run on 4,000 images
+    .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --precision fp32 --name cifar10_cpu_head_fp32
 """
 from __future__ import annotations
 
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="reuse this frozen-backbone map cache folder (e.g. runs/cifar10_cpu/cache/maps of an "
                         "earlier run): linked into the run folder when it has none")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="the experiment's torch precision (default: the config's, auto); fp32 for the "
+                        "baseline of the precision comparison")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -262,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             "val_fraction": 0.25})
     if args.name:
         overrides["name"] = args.name
+    if args.precision:
+        overrides["precision"] = args.precision
     overrides["data_root"] = {"cifar10": str(root)}
     if args.maps_cache:
         link = args.out_dir / overrides.get("name", "cifar10_cpu") / "cache" / "maps"

@@ -295,3 +295,29 @@ def test_feature_maps_through_onnx_equal_torch_fp32_and_share_its_cache_key(tmp_
     got = extract_features(net, data, batch_size=5, runtime="onnx", device="cpu")
     want = extract_features(net, data, batch_size=5, runtime="torch", precision="fp32", device="cpu")
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_network_is_exported_once_for_several_extractions(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from dfsnet.features import extract_features
+    from dfsnet.models import DFSNet, create_backbone
+
+    calls = []
+    real = rt.export_features
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rt, "export_features", counting)
+    torch.manual_seed(4)
+    net = DFSNet(create_backbone("test_efficientnet", pretrained=False), num_classes=3).eval()
+    data = TensorDataset(torch.randn(6, *SHAPE), torch.zeros(6, dtype=torch.int64))
+    first = extract_features(net, data, batch_size=4, runtime="onnx", device="cpu")
+    second = extract_features(net, data, batch_size=4, runtime="onnx", device="cpu")
+    assert len(calls) == 1 and np.array_equal(first, second)
+    with torch.no_grad():  # new weights: a new graph
+        next(net.backbone.parameters()).mul_(2)
+    extract_features(net, data, batch_size=4, runtime="onnx", device="cpu")
+    assert len(calls) == 2

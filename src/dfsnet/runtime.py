@@ -16,6 +16,7 @@ module imports neither torch nor onnxruntime at the top.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -147,7 +148,6 @@ def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *
     RuntimeError
         The exporter failed, or the graph does not reproduce the model.
     """
-    import contextlib
     import copy
     import io
     import warnings
@@ -161,7 +161,8 @@ def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     # The exporter narrates each pass on stdout and warns about internals; neither is the user's business.
     # Tracing needs autograd's bookkeeping, which a caller's inference_mode would switch off.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
+    with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False),
+          _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx", "torch.export")):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, (probe,), dynamo=True, input_names=[INPUT_NAME],
@@ -180,6 +181,20 @@ def export_features(model: torch.nn.Module, input_shape: tuple[int, int, int], *
                                f"(relative; at most {PARITY_TOLERANCE} expected)")
         logger.debug("onnx export: relative difference to torch fp32 %.2e", error)
     return data
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter's libraries log every optimisation pass at INFO; keep only their warnings."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -221,8 +221,7 @@ def _build_milvus(args, out: str, selector: str | None) -> int:
                              store_features=args.store_features, image_size=args.image_size,
                              batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
                              precision=args.precision, runtime=args.runtime, progress=progress_enabled(args),
-                             force=args.force,
-                             shard=args.shard)
+                             force=args.force, shard=args.shard)
     _print_report("indexed", pipe.last_report)
     print(f"index: {pipe.index_dir} ({pipe.n_bits}-bit codes in Milvus collection "
           f"{pipe.manifest['backend']['collection']!r} at {args.uri})")

@@ -1,9 +1,11 @@
 """Ordered, index-tracking batch iteration shared by feature and feature-map extraction."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -166,15 +168,33 @@ def onnx_wanted(runtime: str, n: int, device_type: str, precision: str) -> bool:
     return False
 
 
+# The last exports, by the weights they were made from: an experiment extracts a network's fit
+# and database parts in separate calls, and each export costs about 10 s.
+_GRAPHS: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+_GRAPHS_KEPT = 2
+_GRAPHS_LOCK = threading.Lock()
+
+
 def exported_graph(model, input_shape: tuple[int, ...], runtime: str, *, maps: bool = False):
     """``model.features`` (``model`` itself with ``maps``) in ONNX Runtime, an
-    :class:`~dfsnet.runtime.OnnxFeatures`; None (torch goes on) when the export fails under "auto"."""
+    :class:`~dfsnet.runtime.OnnxFeatures`; None (torch goes on) when the export fails under "auto".
+    The last two graphs are reused for a model with the same weights."""
+    from dfsnet.features.fingerprint import module_fingerprint
     from dfsnet.runtime import OnnxFeatures, export_features
 
-    try:
-        return OnnxFeatures(export_features(model, input_shape, maps=maps))
-    except RuntimeError as exc:
-        if runtime == "onnx":
-            raise InputError(f"runtime: {exc}") from None
-        logger.warning("%s; running it in torch instead", exc)
-        return None
+    key = (module_fingerprint(model), tuple(input_shape), maps)
+    with _GRAPHS_LOCK:
+        if key in _GRAPHS:
+            _GRAPHS.move_to_end(key)
+            return _GRAPHS[key]
+        try:
+            graph = OnnxFeatures(export_features(model, input_shape, maps=maps))
+        except RuntimeError as exc:
+            if runtime == "onnx":
+                raise InputError(f"runtime: {exc}") from None
+            logger.warning("%s; running it in torch instead", exc)
+            return None
+        _GRAPHS[key] = graph
+        while len(_GRAPHS) > _GRAPHS_KEPT:
+            _GRAPHS.popitem(last=False)
+        return graph
