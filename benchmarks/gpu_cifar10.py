@@ -174,7 +174,7 @@ def finetune(net: Net, data, parts, *, epochs: int, lr: float, size: int, batch:
             opt.step()
             sched.step()
             seen += len(y)
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
         # Validation images as queries against (at most 5,000 of) the fit images.
         ref = parts["fit"][:: max(1, len(parts["fit"]) // 5000)]
         _, fit_codes = embed(net, data, ref, size=size, batch=batch, device=device)
