@@ -163,6 +163,7 @@ def test_add_with_onnx_stores_the_codes_torch_computes(onnx_copy, tmp_path, monk
     report = index.add(more)
     assert report.n_added == 4 and len(index) == 21
     assert sum(rows) == 4  # extracted with the graph
+    assert index._torch is None  # ...without loading torch's network
     monkeypatch.undo()
     reference = ImageIndex.load(onnx_copy, runtime="torch", precision="fp32", device="cpu")
     paths = _paths(more)

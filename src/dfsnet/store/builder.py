@@ -196,7 +196,8 @@ class Builder:
     model_lock : threading.Lock, optional
         Serialises use of ``model`` with a reader that shares it.
     onnx : dfsnet.runtime.OnnxFeatures, optional
-        ``model``'s graph in ONNX Runtime, which then extracts instead of torch.
+        ``model``'s graph in ONNX Runtime, which then extracts instead of torch; ``model`` may
+        then be just the preprocessing meta (a mapping, as the manifest's ``onnx`` entry keeps it).
     """
 
     def __init__(self, index_dir: Path, model, image_size: int, device, *, precision: str = "fp32",
@@ -209,7 +210,7 @@ class Builder:
         self.model_lock = model_lock or threading.Lock()
         self.device = device
         self.precision = precision
-        self.transform = build_transforms(model.meta, train=False, image_size=image_size)
+        self.transform = build_transforms(getattr(model, "meta", model), train=False, image_size=image_size)
 
     @classmethod
     def from_checkpoint(cls, index_dir: Path, image_size: int, device, *, precision: str = "fp32") -> Builder:

@@ -562,9 +562,12 @@ class ImageIndex:
         with write_lock(self.index_dir):
             self.refresh()
             collect_garbage(self.index_dir, self.manifest)
-            builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
-                              precision=self.precision.name, model_lock=self._model_lock,
-                              onnx=self._onnx[0] if self.runtime == "onnx" else None)
+            if self.runtime == "onnx":  # the graph extracts: torch's network is not loaded
+                builder = Builder(self.index_dir, self.manifest["onnx"]["preprocess"], self.manifest["image_size"],
+                                  "cpu", model_lock=self._model_lock, onnx=self._onnx[0])
+            else:
+                builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
+                                  precision=self.precision.name, model_lock=self._model_lock)
             recorded = frozenset(p for paths in self._state.metadata.duplicates().values() for p in paths)
             report = builder.commit(dict(self.manifest), self._state.metadata.by_hash(), files, self.encoder,
                                     batch_size=batch_size, num_workers=num_workers, progress=progress,
