@@ -2,7 +2,7 @@
 Runtime (fp32, CPU).
 
 On this project's CPU, EfficientNet-Lite0 exported with torch's ONNX exporter runs about 6x
-faster in ONNX Runtime than in torch fp32 eager and about 2x faster than torch bf16 +
+faster in ONNX Runtime than in torch fp32 eager and 2-2.4x faster than torch bf16 +
 channels_last, with fp32's numbers (``benchmarks/bench_extract.py``). An index therefore keeps
 its network's ``features()`` as an ONNX graph beside the checkpoint, and searching it needs
 neither torch nor timm (start-up in well under two seconds).

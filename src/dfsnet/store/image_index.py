@@ -562,12 +562,7 @@ class ImageIndex:
         with write_lock(self.index_dir):
             self.refresh()
             collect_garbage(self.index_dir, self.manifest)
-            if self.runtime == "onnx":  # the graph extracts: torch's network is not loaded
-                builder = Builder(self.index_dir, self.manifest["onnx"]["preprocess"], self.manifest["image_size"],
-                                  "cpu", model_lock=self._model_lock, onnx=self._onnx[0])
-            else:
-                builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
-                                  precision=self.precision.name, model_lock=self._model_lock)
+            builder = self._builder()
             recorded = frozenset(p for paths in self._state.metadata.duplicates().values() for p in paths)
             report = builder.commit(dict(self.manifest), self._state.metadata.by_hash(), files, self.encoder,
                                     batch_size=batch_size, num_workers=num_workers, progress=progress,
@@ -578,6 +573,14 @@ class ImageIndex:
         logger.info("added %d images to %s (%d moved, %d duplicates, %d bad); %d in total", report.n_added,
                     self.index_dir, report.n_moved, report.n_duplicates, report.n_bad, report.count)
         return report
+
+    def _builder(self) -> Builder:
+        """The extraction and commit machinery for :meth:`add`, on this object's runtime."""
+        if self.runtime == "onnx":  # the graph extracts: torch's network is not loaded
+            return Builder(self.index_dir, self.manifest["onnx"]["preprocess"], self.manifest["image_size"], "cpu",
+                           model_lock=self._model_lock, onnx=self._onnx[0])
+        return Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
+                       precision=self.precision.name, model_lock=self._model_lock)
 
     def remove(self, ids=(), *, paths=()) -> RemoveReport:
         """Drop images from the index by id or by path; see :func:`dfsnet.store.remove_images`.

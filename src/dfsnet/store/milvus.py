@@ -497,12 +497,7 @@ class MilvusIndex(ImageIndex):
         n_dup = len(candidates) - len(new)
         added = 0
         if new:
-            if self.runtime == "onnx":  # the graph extracts: torch's network is not loaded
-                builder = Builder(self.index_dir, self.manifest["onnx"]["preprocess"], self.manifest["image_size"],
-                                  "cpu", model_lock=self._model_lock, onnx=self._onnx[0])
-            else:
-                builder = Builder(self.index_dir, self.model, self.manifest["image_size"], self.device,
-                                  precision=self.precision.name, model_lock=self._model_lock)
+            builder = self._builder()
             features, ok = builder.extract([c[0] for c in new], batch_size=batch_size, num_workers=num_workers,
                                            progress=progress)
             bad += [new[j][0] for j in np.flatnonzero(~ok)]
