@@ -244,6 +244,9 @@ class OnnxFeatures:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle intra-op threads yield instead of spinning: the image decoding that feeds the graph
+        # (DataLoader workers, the server's decoding threads) runs on the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = model if isinstance(model, bytes) else str(Path(model))
         try:
             self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
