@@ -299,11 +299,3 @@ def validate_data(estimator, X, y="no_validation", *, reset: bool, name: str = "
     except ValueError as exc:  # feature names that differ from fit's
         raise InputError(f"{name}: {exc}") from None
     return arr
-
-
-def __getattr__(name: str):
-    if name == "NotFittedError":  # re-exported lazily, see the note on the imports
-        from sklearn.exceptions import NotFittedError
-
-        return NotFittedError
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
