@@ -23,9 +23,11 @@ def add_runtime_arg(parser: argparse.ArgumentParser) -> None:
     from dfsnet.runtime import DEFAULT_RUNTIME, RUNTIMES
 
     parser.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
-                        help="what runs the network: onnx = the index's ONNX graph in ONNX Runtime (fp32, CPU; "
-                             "no torch import, fastest on a CPU), torch = torch in --precision; auto: onnx on a "
-                             "CPU when the index has a graph and bf16 was not asked for (default: %(default)s)")
+                        help="what runs the network: onnx = the index's model.onnx in ONNX Runtime (fp32, CPU; "
+                             "a build exports it; searches need no torch), torch = torch in --precision; auto: "
+                             "onnx on a CPU where the index has (or the build can export) the graph and bf16 was "
+                             "not asked for, else torch; DFSNET_RUNTIME=torch makes auto mean torch "
+                             "(default: %(default)s)")
 
 
 def add_progress_arg(parser: argparse.ArgumentParser) -> None:
