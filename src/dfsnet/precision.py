@@ -8,6 +8,9 @@ its inputs to the channels_last memory format, which oneDNN's convolutions need 
 An explicit ``"bf16"`` on a CPU without native bf16 logs a warning and runs fp32 (emulated
 bf16 is slower than fp32); the :class:`Precision` returned always names what actually runs,
 and that is what results, manifests and summaries record.
+
+Training on a CPU follows its own measurements (:func:`resolve_training_precision`): a full
+fine-tuning step runs fastest in fp32 with channels_last, and ``auto`` trains so there.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from dfsnet.errors import InputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PRECISIONS", "DEFAULT_PRECISION", "Precision", "resolve_precision", "cpu_has_native_bf16"]
+__all__ = ["PRECISIONS", "DEFAULT_PRECISION", "Precision", "resolve_precision", "resolve_training_precision",
+           "cpu_has_native_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +134,38 @@ def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu
         logger.warning("precision: bf16 was asked for, but this %s has no native bf16 support "
                        "(AMX or AVX512-BF16 on a CPU); running fp32", device_type)
     return Precision("fp32", device_type)
+
+
+def resolve_training_precision(precision: str = "auto", device: torch.device | str = "cpu", *,
+                               mode: str = "full") -> Precision:
+    """The :class:`Precision` a training step runs in; :func:`resolve_precision`'s except on a CPU.
+
+    On a CPU, full fine-tuning always uses channels_last, and ``auto`` there means fp32: a
+    training step of EfficientNet-Lite0 at 128 px (batch 128, 2 cores,
+    ``benchmarks/bench_train_step.py``) measured 1.49x (Ori) and 1.64x (DFS-Net) the fp32 NCHW
+    step in fp32 channels_last against 1.39x and 1.57x with bf16 autocast: bf16's backward
+    passes do not repay their casts there, unlike its inference (2.5-3.5x). Head-only training
+    on cached maps keeps NCHW (channels_last measured slower on the 4x4 maps) and bf16 where
+    native (1.27x fp32 per DFS head epoch, ``benchmarks/bench_head_epoch.py``).
+
+    Parameters
+    ----------
+    precision : {"auto", "fp32", "bf16"}
+    device : torch.device or str
+    mode : {"full", "head"}
+
+    Returns
+    -------
+    Precision
+    """
+    import torch
+
+    if mode not in ("full", "head"):
+        raise InputError(f"mode: expected 'full' or 'head', got {mode!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if not on_cpu:
+        return resolve_precision(precision, device)
+    if mode == "head":
+        return dataclasses.replace(resolve_precision(precision, device), channels_last=False)
+    resolved = resolve_precision("fp32" if precision == "auto" else precision, device)
+    return dataclasses.replace(resolved, channels_last=True)

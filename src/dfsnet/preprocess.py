@@ -190,7 +190,7 @@ class EvalPreprocess:
         return pixels[top:top + crop_h, left:left + crop_w]
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """Preprocess one image.
+        """Preprocess one image: :meth:`normalize` of :meth:`pixels`.
 
         Parameters
         ----------
@@ -209,6 +209,13 @@ class EvalPreprocess:
         InputError
             ``image`` is not in mode "RGB".
         """
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The resized and cropped image before normalisation: uint8, shape (3, H, W), C-contiguous.
+
+        What a pixel cache stores (:mod:`dfsnet.features.pixels`); raises as :meth:`__call__`.
+        """
         if not isinstance(image, Image.Image):
             raise InputTypeError(f"image: expected a PIL image, got {type(image).__name__}")
         if image.mode != "RGB":
@@ -216,9 +223,17 @@ class EvalPreprocess:
             raise InputError(f"image: expected mode 'RGB' (convert it, or decode with "
                              f"dfsnet.images.open_image), got mode {image.mode!r}")
         pixels = self._center_crop(np.asarray(self._resize(image)))  # uint8 (H, W, 3)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """``(pixels / 255 - mean) / std`` of uint8 ``pixels``, shape (3, H, W) or a batch (n, 3, H, W).
+
+        Returns float32 of the same shape, C-contiguous. Element-wise, so a batch gives each
+        image's :meth:`__call__` result bit for bit.
+        """
         # The same float32 operations as ToTensor (true division by 255) and Normalize, so the
         # result matches torchvision's bit for bit.
-        x = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
+        x = np.asarray(pixels, dtype=np.float32) / np.float32(255)
         x -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
         x /= np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
         return x

@@ -17,6 +17,7 @@ from dfsnet.eval.metrics import (
     precision_at_k,
     precision_recall_curve,
     recall_at_k,
+    search_map,
 )
 
 # ----------------------------------------------------------------- plain-Python references
@@ -377,3 +378,22 @@ def test_importing_eval_loads_neither_torch_nor_faiss():
             "print(sorted(m for m in ('torch', 'faiss', 'dfsnet.index') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bad", ["repeat", "low", "high"])
+def test_search_map_refuses_rankings_that_are_not_permutations(rng, bad):
+    ql, dl = rng.integers(0, 3, 4), rng.integers(0, 3, 20)
+
+    def search(q, k):
+        ids = np.array([rng.permutation(k) for _ in range(len(q))])
+        if bad == "repeat":
+            ids[-1, 5] = ids[-1, 6]
+        else:
+            ids[1, 0] = -1 if bad == "low" else k
+        return np.zeros(ids.shape), ids
+
+    with pytest.raises(ValueError, match=r"every row of ids to be a permutation of range\(20\)"):
+        search_map(search, np.zeros((4, 2)), ql, dl)
+    good = search_map(lambda q, k: (np.zeros((len(q), k)), np.tile(np.arange(k), (len(q), 1))),
+                      np.zeros((4, 2)), ql, dl)
+    assert good["stable"][None].map == mean_average_precision(ql, dl, distances=np.zeros((4, 20)))

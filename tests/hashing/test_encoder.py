@@ -76,6 +76,20 @@ def test_encoder_with_given_estimators(data):
         Encoder(selector=None, hasher="itq").fit(X, y)
 
 
+def test_transform_uses_a_selector_subclass_own_transform(data):
+    # The built-in selectors skip re-validating X inside Encoder.transform; a subclass keeps its own.
+    class Shifted(RandomSelector):
+        def transform(self, X):
+            return super().transform(X) + 100
+
+    X, y = data
+    enc = Encoder(selector=Shifted(n_features=8), hasher=ThresholdHasher(threshold="zero")).fit(X)
+    assert (unpack_bits(enc.transform(X), 8) == 1).all()
+    plain = Encoder(selector=RandomSelector(n_features=8), hasher=ThresholdHasher(threshold="zero")).fit(X)
+    np.testing.assert_array_equal(plain.transform(X), ThresholdHasher(threshold="zero").fit(
+        X[:, plain.selector_.selected_features_]).transform(X[:, plain.selector_.selected_features_]))
+
+
 def test_encoder_clones_and_runs_in_a_pipeline(data):
     from sklearn.base import clone
     from sklearn.pipeline import make_pipeline

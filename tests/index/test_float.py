@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dfsnet.index import FloatIndex, _common
+from dfsnet.index import FloatIndex, _common, floating
 
 
 def brute_force(db: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int, metric: str):
@@ -126,3 +126,58 @@ def test_whole_index_search_equals_direct_distances(rng, metric):
     short_d, short_i = index.search(q, 40)
     np.testing.assert_array_equal(short_i, got[:, :40])
     np.testing.assert_array_equal(short_d, dist[:, :40])
+
+
+def _direct_ranking(index, q):
+    """Every stored vector ranked by directly computed distance, then id (the definition)."""
+    qq = index._check_vectors(q, "q")
+    n = len(index)
+    direct = index._exact_distances(qq, np.broadcast_to(np.arange(n), (len(q), n)), index._vectors())
+    d, i = _common.sort_candidates(direct, np.broadcast_to(index._ids, direct.shape).copy())
+    return d.astype(np.float32), i
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_whole_index_large_tie_groups_in_ascending_id(rng, ascending):
+    # Groups of hundreds of exactly equal distances, which an unstable sort scrambles.
+    distinct = rng.standard_normal((3, 16)).astype(np.float32)
+    db = distinct[rng.integers(0, 3, 2000)]
+    ids = np.arange(2000) * 5 if ascending else rng.permutation(2000) * 5
+    index = FloatIndex(16)
+    index.add(db, ids=ids)
+    q = np.concatenate([distinct, rng.standard_normal((2, 16)).astype(np.float32)])
+    dist, got = index.search(q, 2000)
+    want_d, want_i = _direct_ranking(index, q)
+    np.testing.assert_array_equal(got, want_i)
+    np.testing.assert_array_equal(dist, want_d)
+
+
+def test_whole_index_near_ties_follow_the_direct_distances(rng):
+    # Large vectors that differ in the last bits: the matrix-product values lose the order to
+    # cancellation, so long runs of near neighbours are recomputed directly and re-sorted.
+    base = np.full(256, 300.0, dtype=np.float32)
+    steps = rng.integers(-3, 4, (500, 256)).astype(np.float32)
+    db = base + steps * np.spacing(base)
+    index = FloatIndex(256)
+    index.add(db, ids=rng.permutation(500))
+    q = np.stack([base, db[7]])
+    dist, got = index.search(q, 500)
+    want_d, want_i = _direct_ranking(index, q)
+    np.testing.assert_array_equal(got, want_i)
+    np.testing.assert_array_equal(dist, want_d)
+    assert len(np.unique(dist[0])) > 20  # many distinct tiny distances, not one tie
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_direct_distances_do_not_depend_on_the_block_size(rng, monkeypatch, metric):
+    db = rng.standard_normal((50, 300)).astype(np.float32)
+    q = rng.standard_normal((4, 300)).astype(np.float32)
+    index = FloatIndex(300, metric=metric)
+    index.add(db)
+    qq, vectors = index._check_vectors(q, "q"), index._vectors()
+    pos = np.broadcast_to(np.arange(50), (4, 50))
+    x, y = vectors.astype(np.float64)[None], qq.astype(np.float64)[:, None]
+    want = np.square(x - y).sum(-1) if metric == "l2" else np.maximum(1.0 - (x * y).sum(-1), 0.0)
+    for block in (1, 300 * 7, 1 << 16):
+        monkeypatch.setattr(floating, "_PAIR_BLOCK", block)
+        np.testing.assert_array_equal(index._exact_distances(qq, pos, vectors), want)

@@ -105,6 +105,8 @@ class ExperimentConfig:
                                  "(one head per code length up to this; 0 = no hash-head networks)", default=256)
     dropout: float = _doc("dropout before the classifier", default=0.2)
     num_workers: int = _doc("data loader workers", default=0)
+    pixel_cache: bool = _doc("keep each part's decoded evaluation images in RUN_DIR/cache/pixels (3 x H x W "
+                             "bytes per image) so that later networks do not decode them again", default=True)
     threads: int = _doc("torch CPU threads during the run; 0 = torch's default", default=0)
     device: str = _doc(f"training and extraction device: {DEVICE_HELP}", default="auto")
     precision: str = _doc("numeric precision of training and extraction: auto (bf16 where the hardware has "

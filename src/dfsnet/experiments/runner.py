@@ -234,22 +234,28 @@ def _given_checkpoint(cfg: ExperimentConfig, backbone: str, dataset: str, mode: 
     return cfg.checkpoints.get(f"{backbone}:{dataset}:{mode}:{net}") or cfg.checkpoints.get(net)
 
 
-def _probe_epoch_seconds(model, train_set, val_set, batch_size: int, num_workers: int) -> float:
-    """Estimated wall time of one full fine-tuning epoch, from two timed training batches."""
+def _probe_epoch_seconds(model, train_set, val_set, batch_size: int, num_workers: int, precision: str) -> float:
+    """Estimated wall time of one full fine-tuning epoch, from two timed training batches in the
+    precision and memory format the training will use."""
     import copy
 
     import torch
     from torch.utils.data import DataLoader
 
     from dfsnet.data import collate_skip_none
+    from dfsnet.precision import resolve_training_precision
 
     probe = copy.deepcopy(model).train()
+    prec = resolve_training_precision(precision, next(probe.parameters()).device, mode="full")
+    prec.prepare_model(probe)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                         collate_fn=collate_skip_none)
     times = []
     for i, (x, y) in enumerate(loader):
         start = time.perf_counter()
-        torch.nn.functional.cross_entropy(probe(x), y).backward()
+        with prec.autocast():
+            loss = torch.nn.functional.cross_entropy(probe(prec.prepare_input(x)).float(), y)
+        loss.backward()
         probe.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
         if i == 2:
@@ -347,7 +353,8 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
         epochs, lr = cfg.finetune_epochs, cfg.finetune_lr
         budget = None
         if cfg.finetune_budget_minutes > 0:
-            per_epoch = _probe_epoch_seconds(model, train_set, val_set, cfg.batch_size, cfg.num_workers)
+            per_epoch = _probe_epoch_seconds(model, train_set, val_set, cfg.batch_size, cfg.num_workers,
+                                             cfg.precision)
             fit = max(1, int(60 * cfg.finetune_budget_minutes // per_epoch))
             budget = {"minutes": cfg.finetune_budget_minutes, "estimated_epoch_seconds": per_epoch,
                       "max_epochs": cfg.finetune_epochs, "epochs_that_fit": fit}
@@ -414,8 +421,10 @@ def _features(cfg: ExperimentConfig, model, setting: dict, pool, split, maps_dir
     """
     from dfsnet.train.workflow import part_features
 
+    pixels_dir = cfg.run_dir / "cache" / "pixels" if cfg.pixel_cache else None
     return {part: part_features(model, split.subset(pool, part), mode=setting["mode"], maps_cache_dir=maps_dir,
-                                features_cache_dir=features_dir, batch_size=max(cfg.batch_size, 64),
+                                features_cache_dir=features_dir, pixel_cache_dir=pixels_dir,
+                                batch_size=max(cfg.batch_size, 64),
                                 num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
                                 progress=progress)
             for part in PARTS}

@@ -111,20 +111,31 @@ def resolve_num_workers(num_workers: int | None, dataset, batch_size: int) -> in
 
 
 def iter_batches(dataset, *, batch_size: int, num_workers: int | None, device: torch.device,
-                 progress: bool = False, desc: str = "extract") -> Iterator[Batch]:
+                 progress: bool = False, desc: str = "extract", pixel_cache_dir=None) -> Iterator[Batch]:
     """Yield the dataset in order, ``batch_size`` items at a time, images moved to ``device``.
 
-    ``num_workers=None`` picks the decoding workers (:func:`resolve_num_workers`)."""
+    ``num_workers=None`` picks the decoding workers (:func:`resolve_num_workers`). With
+    ``pixel_cache_dir``, a dataset under the evaluation preprocessing is decoded once and read
+    from there afterwards (:mod:`dfsnet.features.pixels`); the batches are the same."""
     from tqdm.auto import tqdm
 
+    from dfsnet.features.pixels import cached_pixel_batches
+
     check_positive_int(batch_size, name="batch_size")
-    num_workers = resolve_num_workers(num_workers, dataset, batch_size)
-    loader = DataLoader(
-        _Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
-    )
+
+    def load(ds):
+        workers = resolve_num_workers(num_workers, ds, batch_size)
+        return iter(DataLoader(_Indexed(ds), batch_size=batch_size, shuffle=False, num_workers=workers,
+                               collate_fn=_collate, pin_memory=device.type == "cuda"))
+
+    batches = None
+    if pixel_cache_dir is not None:
+        batches = cached_pixel_batches(dataset, check_cache_dir(pixel_cache_dir), batch_size=batch_size,
+                                       loader=load)
+    if batches is None:
+        batches = load(dataset)
     with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress) as bar:
-        for batch in loader:
+        for batch in batches:
             if batch.images is not None:
                 batch = batch._replace(images=batch.images.to(device, non_blocking=True))
             yield batch

@@ -34,7 +34,7 @@ _CACHE_VERSION = 1
 
 def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int | None = None, device=None,
                      precision: str = DEFAULT_PRECISION, runtime: str = DEFAULT_RUNTIME, cache_dir=None,
-                     cache_key: str | None = None, progress: bool = False) -> np.ndarray:
+                     cache_key: str | None = None, pixel_cache_dir=None, progress: bool = False) -> np.ndarray:
     """Pooled features of every item of ``dataset`` through ``model.features``.
 
     The model runs in eval mode under ``torch.inference_mode`` on ``device`` (default: the
@@ -69,6 +69,10 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int |
     cache_key : str, optional
         Names the split (e.g. ``"cifar10/test"``); required with ``cache_dir`` when the
         dataset cannot be fingerprinted, in which case it alone identifies the data.
+    pixel_cache_dir : path, optional
+        Keep the decoded, resized images there (uint8, ``3 * H * W`` bytes each) and read them
+        from there on the next pass over the same images (:mod:`dfsnet.features.pixels`): for
+        several networks run over one dataset. The features are the same.
     progress : bool
         Show a progress bar.
 
@@ -84,7 +88,8 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int |
     """
     features, ok = extract_features_with_mask(
         model, dataset, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
-        runtime=runtime, cache_dir=cache_dir, cache_key=cache_key, progress=progress,
+        runtime=runtime, cache_dir=cache_dir, cache_key=cache_key, pixel_cache_dir=pixel_cache_dir,
+        progress=progress,
     )
     if not ok.all():
         bad = np.flatnonzero(~ok)
@@ -98,7 +103,7 @@ def extract_features(model, dataset, *, batch_size: int = 64, num_workers: int |
 
 def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_workers: int | None = None,
                                device=None, precision: str = DEFAULT_PRECISION, runtime: str = DEFAULT_RUNTIME,
-                               cache_dir=None, cache_key: str | None = None,
+                               cache_dir=None, cache_key: str | None = None, pixel_cache_dir=None,
                                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`extract_features`, but tolerant of unreadable items.
 
@@ -131,8 +136,8 @@ def extract_features_with_mask(model, dataset, *, batch_size: int = 64, num_work
     features = None
     ok = np.zeros(n, dtype=bool)
     with contextlib.nullcontext() if onnx is not None else inference_on(model, dev, prec):
-        for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
-                                  device=dev, progress=progress, desc="features"):
+        for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=dev,
+                                  progress=progress, desc="features", pixel_cache_dir=pixel_cache_dir):
             if batch.images is None:
                 continue
             if use_onnx and onnx is None:

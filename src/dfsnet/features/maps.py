@@ -91,7 +91,7 @@ def feature_maps_key(backbone: torch.nn.Module, dataset, *, precision: str = "fp
 
 def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_size: int = 64,
                         num_workers: int | None = None, device=None, precision: str = DEFAULT_PRECISION,
-                        runtime: str = DEFAULT_RUNTIME, progress: bool = False) -> FeatureMaps:
+                        runtime: str = DEFAULT_RUNTIME, pixel_cache_dir=None, progress: bool = False) -> FeatureMaps:
     """Return the backbone's feature maps for every item of ``dataset``, computing them once.
 
     Parameters
@@ -115,6 +115,8 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     runtime : {"auto", "torch", "onnx"}
         As in :func:`dfsnet.features.extract_features`: ONNX Runtime (fp32, so the cache key's
         precision is "fp32") for the backbone exported once, under "auto" for at least 2,000 items.
+    pixel_cache_dir : path, optional
+        As in :func:`dfsnet.features.extract_features`.
     progress : bool
 
     Returns
@@ -140,8 +142,8 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     pending = 0  # rows of unreadable items seen before the map shape is known
     graph = None
     with atomic_write(maps_path) as fh, inference_on(backbone, dev, prec):
-        for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers,
-                                  device=dev, progress=progress, desc="feature maps"):
+        for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=dev,
+                                  progress=progress, desc="feature maps", pixel_cache_dir=pixel_cache_dir):
             out = None
             if batch.images is not None:
                 if use_onnx and graph is None:

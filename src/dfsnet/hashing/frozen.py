@@ -176,5 +176,5 @@ class FrozenEncoder:
             raise ValueError(f"X: expected {self.n_features_in_} columns (the features seen in fit), "
                              f"got {X.shape[1]}")
         if self._selected is not None:
-            X = np.ascontiguousarray(X[:, self._selected])
+            X = np.take(X, self._selected, axis=1)  # many times faster than X[:, idx]
         return np.packbits(self._bits(X), axis=1, bitorder="big")

@@ -100,12 +100,18 @@ def exact_topk(nq: int, k: int, ntotal: int, fetch: Fetch, *, depth: int,
     while rows.size:
         depth = min(depth, ntotal)
         kk = min(k, depth)
-        unsettled = []
+        unsettled = [rows[:0]]
         step = max(1, _RESULT_BUDGET // depth)
         for start in range(0, rows.size, step):
             sub = rows[start:start + step]
             dist, ids, bound = fetch(sub, depth)
             settled = (dist[:, kk - 1] < bound) | np.isinf(bound) | (depth >= ntotal)
+            if settled.all() and sub[-1] - sub[0] + 1 == sub.size and (ids[:, kk - 1] >= 0).all():
+                # The usual case (consecutive queries, all settled, no padding): plain slices,
+                # without the copies of masked indexing.
+                out_d[sub[0]:sub[-1] + 1, :kk] = dist[:, :kk]
+                out_i[sub[0]:sub[-1] + 1, :kk] = ids[:, :kk]
+                continue
             done = sub[settled]
             top_d, top_i = dist[settled, :kk], ids[settled, :kk]
             out_d[done, :kk] = np.where(top_i < 0, -1, top_d)

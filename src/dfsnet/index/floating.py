@@ -22,11 +22,13 @@ from dfsnet.index._format import read_container, write_container
 logger = logging.getLogger(__name__)
 
 METRICS = ("l2", "cosine")
-# Float values recomputed per block when re-ranking candidates (bounds the working memory).
-_RERANK_BUDGET = 1 << 21
-# Stored vectors converted to float64 per block of the exhaustive (whole-index) path, and
-# (query, vector) distances it ranks at once.
-_SCAN_BUDGET = 1 << 22
+# float64 values per block of directly computed pairs: small enough to stay in a core's L2 cache.
+_PAIR_BLOCK = 1 << 16
+# Stored vectors converted to float64 per block of the exhaustive (whole-index) path: large
+# enough that the matrix product's calls are few (many small multi-threaded BLAS calls stall
+# on a busy machine), and (query, vector) distances it ranks at once.
+_SCAN_BUDGET = 1 << 21
+# (query, vector) distances the exhaustive path ranks at once.
 _RANK_BUDGET = 1 << 21
 
 
@@ -73,6 +75,7 @@ class FloatIndex(BaseIndex):
         self.n_threads = n_threads
         self._init_ids()
         self._max_sq_norm = 0.0
+        self._sq_norms = None  # float64 squared norms of the stored vectors, once computed
         self._index = faiss.IndexFlatL2(self.dim) if metric == "l2" else faiss.IndexFlatIP(self.dim)
 
     def __repr__(self) -> str:
@@ -115,6 +118,7 @@ class FloatIndex(BaseIndex):
             return
         self._index.add(x)
         self._append_ids(ids)
+        self._sq_norms = None
         self._max_sq_norm = max(self._max_sq_norm, float(np.max(np.einsum("ij,ij->i", x, x))))
 
     def search(self, q, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,12 +153,9 @@ class FloatIndex(BaseIndex):
         def fetch(rows: np.ndarray, depth: int):
             if depth >= n:
                 # The whole index: exhaustive float64 ranking, in blocks of queries.
-                dist = np.empty((rows.size, n))
-                ids = np.empty((rows.size, n), dtype=np.int64)
                 step = max(1, _RANK_BUDGET // n)
-                for part in range(0, rows.size, step):
-                    sub = rows[part:part + step]
-                    dist[part:part + step], ids[part:part + step] = self._rank_all(q[sub], vectors)
+                ranked = [self._rank_all(q[rows[part:part + step]], vectors) for part in range(0, rows.size, step)]
+                dist, ids = ranked[0] if len(ranked) == 1 else map(np.concatenate, zip(*ranked))
                 return dist, ids, np.full(rows.size, np.inf)
             with omp_threads(n_threads):
                 approx, pos = self._index.search(q[rows], depth)
@@ -192,16 +193,29 @@ class FloatIndex(BaseIndex):
         ``(dim + 3) u (|q| + |x|)^2`` of the exact distance, and the direct sum of squares is
         within ``(dim + 2) u |q - x|^2`` of it (standard dot-product bounds, any summation
         order); ``tol`` is twice their sum, bounded by ``|q - x|^2 <= (|q| + |x|)^2``.
+
+        The values of ``g`` are sorted in any order; only runs of neighbours closer than ``2 tol``
+        can hold ties or be out of order after the direct recomputation, so only those runs are
+        then sorted by (distance, id). Every other value is more than ``tol`` from the rest and
+        keeps its place.
         """
         n, nq = vectors.shape[0], q.shape[0]
         q64 = q.astype(np.float64)
         g = np.empty((nq, n))
-        sq = np.empty(n)
+        sq = self._sq_norms
+        norms = np.empty(n) if sq is None else None
+        # One float64 block reused: converting into fresh arrays cost more than the product.
         step = max(1, _SCAN_BUDGET // self.dim)
+        block = np.empty((min(step, n), self.dim))
         for start in range(0, n, step):
-            block = vectors[start:start + step].astype(np.float64)
-            sq[start:start + step] = np.einsum("ij,ij->i", block, block)
-            np.matmul(q64, block.T, out=g[:, start:start + step])
+            part = block[:min(step, n - start)]
+            np.copyto(part, vectors[start:start + step])
+            if sq is None:
+                np.einsum("ij,ij->i", part, part, out=norms[start:start + step])
+            np.matmul(q64, part.T, out=g[:, start:start + step])
+        if sq is None:
+            # Kept until the next add: every search of the whole index needs them.
+            sq = self._sq_norms = norms
         q_sq = np.einsum("ij,ij->i", q64, q64)
         if self.metric == "l2":
             g *= -2.0
@@ -213,50 +227,62 @@ class FloatIndex(BaseIndex):
         # One bound per query: the largest stored norm stands for every x.
         u = np.finfo(np.float64).eps / 2
         tol = (2 * (2 * self.dim + 5) * u * (np.sqrt(q_sq) + np.sqrt(sq.max())) ** 2)[:, None]
-        # Values whose float32 cast the bound does not settle ...
-        unsure = (g - tol).astype(np.float32) != (g + tol).astype(np.float32)
-        # ... and neighbours in this order close enough to be in the other order.
-        order = np.argsort(g, axis=1, kind="stable")
-        g_sorted = np.take_along_axis(g, order, axis=1)
-        close = (g_sorted[:, 1:] - g_sorted[:, :-1]) <= 2 * tol
-        del g_sorted
+        # The default (unstable) sort is several times faster than a stable one; the runs
+        # below restore the (distance, id) order wherever it matters.
+        order = np.argsort(g, axis=1)
+        g = np.take_along_axis(g, order, axis=1)
+        ids = self._ids[order]
+        # Neighbours close enough to be in the other order ...
+        close = (g[:, 1:] - g[:, :-1]) <= 2 * tol
         near = np.zeros(g.shape, dtype=bool)
         near[:, 1:] = close
         near[:, :-1] |= close
-        np.put_along_axis(near, order, near.copy(), axis=1)  # back to storage order
-        unsure |= near
-        rows, cols = np.nonzero(unsure)
+        # ... and values whose float32 cast the bound does not settle are recomputed directly.
+        rows, cols = np.nonzero(near | ((g - tol).astype(np.float32) != (g + tol).astype(np.float32)))
         if rows.size:
-            for part in range(0, rows.size, _RERANK_BUDGET // self.dim):
-                r, c = rows[part:part + _RERANK_BUDGET // self.dim], cols[part:part + _RERANK_BUDGET // self.dim]
-                g[r, c] = self._exact_pairs(q[r], vectors[c])
-        if np.all(self._ids[1:] > self._ids[:-1]):
-            # Ascending ids in storage order: a stable sort on the distance is the (distance, id) order.
-            if rows.size:
-                order = np.argsort(g, axis=1, kind="stable")
-        else:
-            order = np.lexsort((np.broadcast_to(self._ids, g.shape), g), axis=-1)
-        return np.take_along_axis(g, order, axis=1), self._ids[order]
+            g[rows, cols] = self._exact_pairs(q, rows, vectors, order[rows, cols])
+        # Sort each run of near entries by (distance, id); an entry starts a run unless it is
+        # close to the one before it.
+        flat = np.flatnonzero(near)
+        if flat.size:
+            starts = near.copy()
+            starts[:, 1:] &= ~close
+            run = np.cumsum(starts.ravel()[flat])
+            g_flat, ids_flat = g.reshape(-1), ids.reshape(-1)
+            d_run, i_run = g_flat[flat], ids_flat[flat]
+            perm = np.lexsort((i_run, d_run, run))
+            g_flat[flat], ids_flat[flat] = d_run[perm], i_run[perm]
+        return g, ids
 
-    def _exact_pairs(self, q: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """float64 (m,) distances between the rows of ``q`` and ``v`` float32 (m, dim), computed
-        directly (the definition every search result follows)."""
-        v = v.astype(np.float64)
-        if self.metric == "l2":
-            v -= q
-            return np.square(v).sum(axis=1)
-        v *= q
-        # Rounding in the normalised vectors must not make a distance negative.
-        return np.maximum(1.0 - v.sum(axis=1), 0.0)
+    def _exact_pairs(self, q: np.ndarray, qi: np.ndarray, v: np.ndarray, vi: np.ndarray) -> np.ndarray:
+        """float64 (m,) distances between ``q[qi]`` and ``v[vi]`` (rows of float32 (., dim)),
+        computed directly (the definition every search result follows).
+
+        Pairs go in blocks small enough for the float64 temporaries to stay in cache; each
+        value is the same float64 sum over the row as for any other block size.
+        """
+        out = np.empty(qi.size)
+        step = max(1, _PAIR_BLOCK // self.dim)
+        diff = np.empty((min(step, qi.size), self.dim))
+        op = np.subtract if self.metric == "l2" else np.multiply
+        for start in range(0, qi.size, step):
+            part = diff[:min(step, qi.size - start)]
+            # dtype: the float32 operands are widened first, as the definition requires.
+            op(v[vi[start:start + step]], q[qi[start:start + step]], out=part, dtype=np.float64)
+            if self.metric == "l2":
+                np.square(part, out=part)
+            part.sum(axis=1, out=out[start:start + step])
+        if self.metric == "cosine":
+            # Rounding in the normalised vectors must not make a distance negative.
+            np.subtract(1.0, out, out=out)
+            np.maximum(out, 0.0, out=out)
+        return out
 
     def _exact_distances(self, q: np.ndarray, pos: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """float64 (nq, depth) distances from ``q`` to ``vectors[pos]``; inf where pos < 0."""
         out = np.full(pos.shape, np.inf)
         rows, cols = np.nonzero(pos >= 0)
-        step = max(1, _RERANK_BUDGET // self.dim)
-        for start in range(0, rows.size, step):
-            r, c = rows[start:start + step], cols[start:start + step]
-            out[r, c] = self._exact_pairs(q[r], vectors[pos[r, c]])
+        out[rows, cols] = self._exact_pairs(q, rows, vectors, pos[rows, cols])
         return out
 
     def save(self, path: str | os.PathLike) -> None:

@@ -392,13 +392,15 @@ def train_network(model: DFSNet, fit_set, val_set, *, mode: str, out_dir: str | 
 
 
 def part_features(model: DFSNet, subset, *, mode: str, maps_cache_dir=None, features_cache_dir=None,
-                  batch_size: int = 64, num_workers: int = 0, device: str | None = "auto",
+                  pixel_cache_dir=None, batch_size: int = 64, num_workers: int = 0, device: str | None = "auto",
                   precision: str = DEFAULT_PRECISION, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features and labels of the readable images of ``subset``.
 
     Head mode runs only the head over the frozen backbone's cached maps (``maps_cache_dir``,
     the cache the head training filled); full mode runs the whole network over the images
-    (cached in ``features_cache_dir`` when given, keyed by the weights).
+    (cached in ``features_cache_dir`` when given, keyed by the weights). Images decoded for the
+    backbone's maps or the network are kept in ``pixel_cache_dir`` when given, for the next
+    network run over the same part (:mod:`dfsnet.features.pixels`).
 
     Returns
     -------
@@ -410,13 +412,14 @@ def part_features(model: DFSNet, subset, *, mode: str, maps_cache_dir=None, feat
     dev = torch_device(device)
     if mode == "head":
         maps = cached_feature_maps(model.backbone, subset, cache_dir=maps_cache_dir, batch_size=batch_size,
-                                   num_workers=num_workers, device=dev, precision=precision, progress=progress)
+                                   num_workers=num_workers, device=dev, precision=precision,
+                                   pixel_cache_dir=pixel_cache_dir, progress=progress)
         # Rows of unreadable images are zero maps: cheaper to pool and drop than to copy the rest.
         feats = extract_from_maps(model, maps.maps, batch_size=256, device=dev, precision=precision)
         return feats[maps.ok], subset.targets[maps.ok]
     feats, ok = extract_features_with_mask(model, subset, batch_size=batch_size, num_workers=num_workers,
                                            device=dev, precision=precision, cache_dir=features_cache_dir,
-                                           progress=progress)
+                                           pixel_cache_dir=pixel_cache_dir, progress=progress)
     return feats[ok], subset.targets[ok]
 
 
