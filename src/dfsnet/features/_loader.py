@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -81,6 +82,25 @@ def check_cache_dir(cache_dir) -> Path:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"cache_dir: expected a folder, but {path} is a file")
     return path
+
+
+def read_cache_entry(array_path: Path, meta_path: Path, version: int, *, what: str):
+    """``(array, labels, ok)`` of a cache entry: a ``.npy`` array, memory-mapped read-only, and its
+    ``.meta.npz`` (``labels``, ``ok``, ``version``), which is written last. None when either file is
+    missing, of another ``version``, or unreadable (logged as a warning naming ``what``); the
+    caller checks the shapes."""
+    if not (array_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+        with np.load(meta_path, allow_pickle=False) as z:
+            if int(z["version"]) != version:
+                return None
+            labels, ok = z["labels"], z["ok"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        logger.warning("%s: ignoring unreadable cache %s (%s)", what, array_path, exc)
+        return None
+    return array, labels, ok
 
 
 def check_dataset(dataset, *, name: str = "dataset") -> int:

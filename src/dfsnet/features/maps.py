@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from dfsnet.features._loader import (
     inference_on,
     iter_batches,
     onnx_wanted,
+    read_cache_entry,
     resolve_device,
 )
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
@@ -186,17 +186,10 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
 
 
 def _load(maps_path: Path, meta_path: Path, n: int) -> FeatureMaps | None:
-    if not (maps_path.is_file() and meta_path.is_file()):
+    entry = read_cache_entry(maps_path, meta_path, _CACHE_VERSION, what="feature maps")
+    if entry is None:
         return None
-    try:
-        maps = np.load(maps_path, mmap_mode="r", allow_pickle=False)
-        with np.load(meta_path, allow_pickle=False) as z:
-            if int(z["version"]) != _CACHE_VERSION:
-                return None
-            labels, ok = z["labels"], z["ok"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        logger.warning("feature maps: ignoring unreadable cache %s (%s)", maps_path, exc)
-        return None
+    maps, labels, ok = entry
     if maps.ndim != 4 or maps.shape[0] != n or maps.dtype != np.float16 or labels.shape != (n,) or ok.shape != (n,):
         logger.warning("feature maps: ignoring cache %s with shape %s for %d items", maps_path, maps.shape, n)
         return None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dfsnet._io import atomic_write
+from dfsnet.features._loader import Batch, read_cache_entry
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint
 from dfsnet.preprocess import EvalPreprocess
 
@@ -134,8 +134,6 @@ def cached_pixel_batches(dataset, cache_dir, *, batch_size: int, loader) -> Iter
 
 def _from_cache(pixels: np.ndarray, labels: np.ndarray, ok: np.ndarray, preprocess: EvalPreprocess,
                 batch_size: int) -> Iterator:
-    from dfsnet.features._loader import Batch
-
     for start in range(0, pixels.shape[0], batch_size):
         rows = slice(start, min(start + batch_size, pixels.shape[0]))
         indices = np.arange(rows.start, rows.stop, dtype=np.int64)
@@ -174,20 +172,13 @@ def _filling(dataset, preprocess: EvalPreprocess, paths: tuple[Path, Path], load
 
 
 def _load(pixels_path: Path, meta_path: Path, n: int, size: tuple[int, int]):
-    if not (pixels_path.is_file() and meta_path.is_file()):
+    entry = read_cache_entry(pixels_path, meta_path, _CACHE_VERSION, what="pixel cache")
+    if entry is None:
         return None
-    try:
-        pixels = np.load(pixels_path, mmap_mode="r", allow_pickle=False)
-        with np.load(meta_path, allow_pickle=False) as z:
-            if int(z["version"]) != _CACHE_VERSION:
-                return None
-            labels, ok = z["labels"], z["ok"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        logger.warning("pixel cache: ignoring unreadable entry %s (%s)", pixels_path, exc)
-        return None
+    pixels, labels, ok = entry
     if (pixels.shape != (n, 3, *size) or pixels.dtype != np.uint8 or labels.shape != (n,) or ok.shape != (n,)
             or ok.dtype != np.bool_):
         logger.warning("pixel cache: ignoring entry %s of shape %s for %d images of %s px", pixels_path,
                        pixels.shape, n, size)
         return None
-    return pixels, labels, ok
+    return entry

@@ -342,7 +342,7 @@ def train_model(
     finally:
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
-        if prec.channels_last and mode == "full":  # set by the task; callers expect the default layout
+        if prec.channels_last:  # set by the task; callers expect the default layout
             model.to(memory_format=torch.contiguous_format)
 
     best_state = torch.load(best_ckpt, map_location="cpu", weights_only=True)
