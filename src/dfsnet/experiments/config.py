@@ -110,7 +110,8 @@ class ExperimentConfig:
     threads: int = _doc("torch CPU threads during the run; 0 = torch's default", default=0)
     device: str = _doc(f"training and extraction device: {DEVICE_HELP}", default="auto")
     precision: str = _doc("numeric precision of training and extraction: auto (bf16 where the hardware has "
-                          "native bf16), fp32 or bf16", default=DEFAULT_PRECISION)
+                          "native bf16; full fine-tuning on a CPU in fp32 + channels_last), fp32 or bf16",
+                          default=DEFAULT_PRECISION)
     checkpoints: dict[str, str] = _doc(
         "trained checkpoints to reuse instead of training, KEY=PATH with KEY ori or dfs, or "
         "BACKBONE:DATASET:MODE:NETWORK", default_factory=dict)
