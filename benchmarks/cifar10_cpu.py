@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="the experiment's torch precision (default: the config's, auto); fp32 for the "
                         "baseline of the precision comparison")
+    p.add_argument("--monitor", choices=("val_acc", "val_map", "val_map_loo"), default=None,
+                   help="what selects DFS-Net's head-only epoch (default: the config's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -268,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["name"] = args.name
     if args.precision:
         overrides["precision"] = args.precision
+    if args.monitor:
+        overrides["monitor"] = args.monitor
     overrides["data_root"] = {"cifar10": str(root)}
     if args.maps_cache:
         link = args.out_dir / overrides.get("name", "cifar10_cpu") / "cache" / "maps"

@@ -321,3 +321,36 @@ def test_a_network_is_exported_once_for_several_extractions(monkeypatch):
         next(net.backbone.parameters()).mul_(2)
     extract_features(net, data, batch_size=4, runtime="onnx", device="cpu")
     assert len(calls) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# one runtime for the maps of a whole head-only setting
+
+
+def test_maps_runtime_is_chosen_for_all_parts_at_once(auto_env, monkeypatch):
+    from dfsnet.features import _loader, maps_runtime
+
+    monkeypatch.setattr(_loader, "ONNX_MIN_ITEMS", 50)
+    assert maps_runtime(49, device="cpu") == "torch" and maps_runtime(50, device="cpu") == "onnx"
+    assert maps_runtime(10**6, device="cpu", precision="bf16") == "torch"  # ONNX Runtime runs fp32 only
+    assert maps_runtime(10**6, device="cpu", runtime="torch") == "torch"
+    monkeypatch.setenv("DFSNET_RUNTIME", "torch")
+    assert maps_runtime(10**6, device="cpu") == "torch"
+
+
+def test_head_training_and_its_encoder_read_the_same_maps(auto_env, monkeypatch, tmp_path):
+    # The validation part alone is below the ONNX threshold, the whole split above it: every part's
+    # maps must still come from the one runtime, trained on and encoded alike (one cache entry each).
+    import json
+
+    from dfsnet.features import _loader
+    from dfsnet.train.workflow import train_and_fit
+    from tests.conftest import make_image_folder
+
+    monkeypatch.setattr(_loader, "ONNX_MIN_ITEMS", 8)  # fit 9 and val 3 images
+    images = make_image_folder(tmp_path / "images", n_classes=3, per_class=8, size=32)
+    out = tmp_path / "run"
+    train_and_fit(out_dir=out, data=images, backbone="test_efficientnet", pretrained=False, image_size=32,
+                  batch_size=8, epochs=1, val_fraction=0.3, n_bits=8, encoder="paper", device="cpu")
+    assert json.loads((out / "train_config.json").read_text())["maps_runtime"] == "onnx"
+    assert len(list((out / "cache").glob("maps-*.npy"))) == 2  # fit and val, nothing computed twice

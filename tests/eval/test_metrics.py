@@ -13,6 +13,7 @@ from dfsnet.eval.metrics import (
     average_precision,
     euclidean_map,
     hamming_map,
+    leave_one_out_map,
     mean_average_precision,
     precision_at_k,
     precision_recall_curve,
@@ -397,3 +398,46 @@ def test_search_map_refuses_rankings_that_are_not_permutations(rng, bad):
     good = search_map(lambda q, k: (np.zeros((len(q), k)), np.tile(np.arange(k), (len(q), 1))),
                       np.zeros((4, 2)), ql, dl)
     assert good["stable"][None].map == mean_average_precision(ql, dl, distances=np.zeros((4, 20)))
+
+
+# ----------------------------------------------------------------- leave-one-out
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+@pytest.mark.parametrize("k", [None, 3, 50])
+def test_leave_one_out_map_matches_reference(rng, multilabel, k):
+    n = 13
+    d = rng.integers(0, 4, size=(n, n)).astype(float)  # many ties: the stable order matters
+    labels = random_labels(rng, n, multilabel)
+    aps = []
+    for i in range(n):
+        others = [j for j in ref_rank(d[i]) if j != i]
+        rel = [ref_relevant(labels[i], labels[j]) for j in others]
+        aps.append(ref_ap(rel, k))
+    assert leave_one_out_map(d, labels, k=k) == pytest.approx(np.mean(aps), abs=1e-12)
+
+
+def test_leave_one_out_map_expected_ties_match_reference(rng):
+    n = 6
+    d = rng.integers(0, 2, size=(n, n)).astype(float)
+    labels = rng.integers(0, 2, n)
+    aps = []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        aps.append(ref_expected_ap([d[i, j] for j in others], [int(labels[i] == labels[j]) for j in others], 3))
+    assert leave_one_out_map(d, labels, k=3, ties="expected") == pytest.approx(np.mean(aps), abs=1e-12)
+
+
+def test_leave_one_out_map_ignores_the_diagonal(rng):
+    d = rng.random((6, 6))
+    y = np.array([0, 0, 1, 1, 2, 2])
+    other = d.copy()
+    np.fill_diagonal(other, [5.0, -3.0, 0.0, 1e6, 2.0, -1.0])  # an item's own distance plays no part
+    assert leave_one_out_map(d, y) == leave_one_out_map(other, y)
+
+
+@pytest.mark.parametrize("bad, match", [(np.zeros((3, 4)), "square"), (np.zeros((1, 1)), "n >= 2"),
+                                        (np.full((3, 3), np.nan), "finite")])
+def test_leave_one_out_map_refuses_bad_distances(bad, match):
+    with pytest.raises(ValueError, match=match):
+        leave_one_out_map(bad, np.zeros(bad.shape[0], dtype=int))

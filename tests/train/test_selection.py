@@ -78,7 +78,7 @@ def test_same_seed_same_weights_through_train_and_experiment(tmp_path, capsys):
         assert torch.equal(sa[key], sb[key]), key
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["encoder"]["choice"] == "paper" and summary["hash_head"] == "none"
-    assert summary["monitor"] == "val_map" and summary["augment"] == "flip"
+    assert summary["monitor"] == "val_map_loo" and summary["augment"] == "flip"
 
 
 def test_default_train_records_the_validation_choice(tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_default_train_records_the_validation_choice(tmp_path, capsys):
     assert record["candidates"][record["choice"]]["map_at_k"] == best
     assert Encoder.load(out / "encoder.npz").n_bits_ == 8
     model, extra = load_checkpoint(out / "model.safetensors")  # a plain DFSNet: the head went to the encoder
-    assert model.hash is None and extra["hash_bits"] == [8] and extra["monitor"] == "val_map"
+    assert model.hash is None and extra["hash_bits"] == [8] and extra["monitor"] == "val_map_loo"
 
 
 @pytest.mark.parametrize("augment", ["flip", "flip_image"])

@@ -155,3 +155,34 @@ def test_bf16_training_runs_and_is_recorded(data_root, tmp_path, monkeypatch, mo
     # The model comes back in the default memory format, for whoever uses it next.
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
     assert conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("hash_bits", [None, 8])
+def test_leave_one_out_validation_map_selects_the_epoch(data_root, tmp_path, hash_bits):
+    from dfsnet.eval.metrics import leave_one_out_map
+    from dfsnet.features import cached_feature_maps, extract_from_maps
+
+    torch.manual_seed(0)
+    model = DFSNet(create_backbone("test_efficientnet"), 3, dfs=True, hash_bits=hash_bits)
+    train_set, val_set = _sets(data_root, model.backbone.meta)
+    result = train_model(model, train_set, val_set, mode="head", epochs=3, lr=1e-2, out_dir=tmp_path / "run",
+                         monitor="val_map_loo", patience=None, accelerator="cpu", precision="fp32", **FAST)
+    scores = [e["val_map_loo"] for e in result.history]
+    assert len(scores) == 3 and "val_map" not in result.history[0]
+    assert result.best_val_map == max(scores) and result.best_epoch == int(np.argmax(scores))
+    # The best model's validation images, scored against each other, give the recorded figure.
+    maps = cached_feature_maps(model.backbone, val_set, cache_dir=tmp_path / "run" / "cache", precision="fp32",
+                               runtime="torch", device="cpu")
+    feats = extract_from_maps(model, maps.maps, device="cpu", precision="fp32")
+    y = val_set.targets
+    if hash_bits:
+        head = model.export_hasher(8)
+        signs = np.where(feats @ head.coef_ + head.intercept_ >= 0, 1.0, -1.0)
+        dist = (8 - signs @ signs.T) / 2
+    else:
+        f = feats.astype(np.float64)
+        dist = ((f[:, None] - f[None]) ** 2).sum(axis=2)
+    from dfsnet.train.workflow import validation_cutoff
+
+    assert leave_one_out_map(dist, y, k=validation_cutoff(len(y)), ties="expected") == pytest.approx(
+        result.best_val_map, abs=1e-6)

@@ -96,10 +96,10 @@ def _register_train(subparsers) -> None:
                    help="head mode: flip mirrors half of each batch of cached maps; flip_image also caches the "
                         "mirrored images' maps and draws from both (default: flip in head mode, none in full "
                         "mode, which augments the images)")
-    g.add_argument("--monitor", choices=("val_acc", "val_map"),
+    g.add_argument("--monitor", choices=("val_acc", "val_map", "val_map_loo"),
                    help="what selects the best epoch and stops early: validation accuracy, or (head mode) "
-                        "the validation images' retrieval mAP against the training images (default: val_map "
-                        "in head mode, val_acc in full mode)")
+                        "the validation images' retrieval mAP against the training images (val_map) or "
+                        "against each other (val_map_loo) (default: val_map_loo in head mode, val_acc in full mode)")
     g.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="mixup of training inputs and their losses, weight ~ Beta(ALPHA, ALPHA); 0 = off "
                         "(default: 0.4 in head mode with a hash head, else 0)")

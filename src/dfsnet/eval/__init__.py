@@ -9,6 +9,7 @@ from dfsnet.eval.metrics import (
     average_precision,
     euclidean_map,
     hamming_map,
+    leave_one_out_map,
     mean_average_precision,
     precision_at_k,
     precision_recall_curve,
@@ -28,6 +29,7 @@ __all__ = [
     "hamming_map",
     "euclidean_map",
     "search_map",
+    "leave_one_out_map",
     "retrieval_eval",
     "ROW_KEYS",
 ]

@@ -75,6 +75,7 @@ __all__ = [
     "hamming_map",
     "euclidean_map",
     "search_map",
+    "leave_one_out_map",
 ]
 
 logger = logging.getLogger(__name__)
@@ -828,3 +829,38 @@ def search_map(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]
     seconds = time.perf_counter() - start
     logger.debug("mAP of %d queries x %d items from search results, ties=%s: %.3f s", nq, n_db, modes, seconds)
     return {mode: acc[mode].results(seconds, mode) for mode in modes}
+
+
+def leave_one_out_map(distances, labels, *, k: int | None = None, ties: str = "stable") -> float:
+    """mAP of a set searched against itself, each item's own match left out.
+
+    Every item is a query against the other ``n - 1``. Both sides are then unseen by a model
+    trained on other data, as queries and database are in use, unlike a search of held-out
+    queries against the training items.
+
+    Parameters
+    ----------
+    distances : array-like of real, shape (n, n)
+        Pairwise distances, smaller is closer; the diagonal is ignored.
+    labels : array-like of int, shape (n,), or 0/1 matrix, shape (n, c)
+    k : int, optional
+        Cut-off, capped at ``n - 1``; None is mAP@all over the others.
+    ties : {"stable", "expected"}
+        As in :func:`mean_average_precision`.
+
+    Returns
+    -------
+    float
+    """
+    d = np.array(distances, dtype=np.float64)
+    if d.ndim != 2 or d.shape[0] != d.shape[1] or d.shape[0] < 2:
+        raise ValueError(f"distances: expected a square (n, n) matrix with n >= 2, got shape {d.shape}")
+    np.fill_diagonal(d, 0.0)
+    if not np.isfinite(d).all():
+        raise ValueError("distances: expected finite values")
+    n = d.shape[0]
+    # Each item alone at the far end of its own ranking, hence outside its top n - 1; the cut-off
+    # n - 1 then scores exactly the others (mAP@k counts the relevant items found in the top k).
+    np.fill_diagonal(d, d.max() + 1.0)
+    cut = n - 1 if k is None else min(_check_k(k), n - 1)
+    return mean_average_precision(labels, labels, distances=d, k=cut, ties=ties)

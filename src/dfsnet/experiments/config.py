@@ -96,8 +96,8 @@ class ExperimentConfig:
                         "batch of cached maps), flip_image (also cache the mirrored images' maps)",
                         default="flip")
     monitor: str = _doc("what selects DFS-Net's head-only epoch: val_map (validation images' retrieval mAP "
-                        "against the training images) or val_acc; Ori's head (GAP + FC, whose features do not "
-                        "train) always uses val_acc", default="val_map")
+                        "against the training images), val_map_loo (against each other) or val_acc; Ori's "
+                        "head (GAP + FC, whose features do not train) always uses val_acc", default="val_map_loo")
     mixup: float = _doc("head-only mixup of the hash-head networks' training maps (schemes 1-csq, 3-csq): "
                         "Beta(alpha, alpha) weight, 0 = off; chosen on CIFAR-10's validation split",
                         default=0.4)
@@ -322,7 +322,7 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise _unknown("ablations", ablation, ablation_names())
     check_choice(cfg.optimizer, OPTIMIZERS, name="optimizer")
     check_choice(cfg.augment, ("none", "flip", "flip_image"), name="augment")
-    check_choice(cfg.monitor, ("val_acc", "val_map"), name="monitor")
+    check_choice(cfg.monitor, ("val_acc", "val_map", "val_map_loo"), name="monitor")
     check_choice(cfg.precision, PRECISIONS, name="precision")
     torch_device(cfg.device)
     for key in ("epochs", "batch_size", "k", "pr_bits", "itq_max_bits"):

@@ -308,7 +308,8 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
         image_size=setting["image_size"], seed=cfg.seed, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
         patience=cfg.patience, dropout=cfg.dropout, init="seeded-head", weight_decay=cfg.weight_decay,
         **({"hash_bits": list(hash_bits)} if hash_bits else {}),
-        **({"augment": augment, "monitor": monitor, "mixup": mixup} if mode == "head" else {}),
+        **({"augment": augment, "monitor": monitor, "mixup": mixup, "maps_runtime": setting["maps_runtime"]}
+           if mode == "head" else {}),
         start_from=None if start_from is None else checkpoint_hash(start_from),
         **({"epochs": cfg.epochs, "lr": cfg.lr} if mode == "head" else
            {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr, "budget": cfg.finetune_budget_minutes}),
@@ -371,7 +372,8 @@ def _train_network(cfg: ExperimentConfig, net: str, backbone_module, setting: di
                                weight_decay=cfg.weight_decay,
                                num_workers=cfg.num_workers, cache_dir=maps_dir, accelerator=accelerator,
                                devices=devices, precision=cfg.precision, extra=extra,
-                               **({"augment": augment, "monitor": monitor, "mixup": mixup} if mode == "head" else {}))
+                               **({"augment": augment, "monitor": monitor, "mixup": mixup,
+                                   "maps_runtime": setting["maps_runtime"]} if mode == "head" else {}))
     head_files = {}
     for b, hasher in result.hashers.items():
         head_files[str(b)] = str(net_dir / f"hash-{b}.npz")
@@ -426,7 +428,7 @@ def _features(cfg: ExperimentConfig, model, setting: dict, pool, split, maps_dir
                                 features_cache_dir=features_dir, pixel_cache_dir=pixels_dir,
                                 batch_size=max(cfg.batch_size, 64),
                                 num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision,
-                                progress=progress)
+                                runtime=setting["maps_runtime"], progress=progress)
             for part in PARTS}
 
 
@@ -664,7 +666,9 @@ def _run_setting(cfg: ExperimentConfig, backbone: str, meta, dataset: str, mode:
     import torch
 
     from dfsnet.data import build_transforms
+    from dfsnet.features import maps_runtime
     from dfsnet.models import create_backbone
+    from dfsnet.train.workflow import torch_device
 
     key = f"{backbone}-{dataset}-{mode}"
     sdir = cfg.run_dir / key
@@ -677,6 +681,9 @@ def _run_setting(cfg: ExperimentConfig, backbone: str, meta, dataset: str, mode:
         "key": key, "backbone": backbone, "timm_name": meta.timm_name, "dataset": dataset, "mode": mode,
         "protocol": cfg.protocol, "image_size": image_size, "feature_dim": meta.feature_dim, "bits": sorted(bits),
         "split_file": str(split_path), "split_file_key": split_path.stem,
+        # Head mode: the frozen backbone's maps of every part in one runtime (see maps_runtime).
+        "maps_runtime": maps_runtime(len(pool), device=torch_device(cfg.device), precision=cfg.precision)
+        if mode == "head" else "auto",
         "_dir": str(sdir),
     }
     logger.info("setting %s: %s, %d classes, image %d px, D = %d", key, split, len(pool.classes),

@@ -13,7 +13,7 @@ from dfsnet.features.extract import (
     features_cache_path,
 )
 from dfsnet.features.fingerprint import dataset_fingerprint, module_fingerprint
-from dfsnet.features.maps import FeatureMaps, cached_feature_maps, feature_maps_key
+from dfsnet.features.maps import FeatureMaps, cached_feature_maps, feature_maps_key, maps_runtime
 
 __all__ = [
     "extract_features",
@@ -22,6 +22,7 @@ __all__ = [
     "features_cache_path",
     "cached_feature_maps",
     "feature_maps_key",
+    "maps_runtime",
     "FeatureMaps",
     "dataset_fingerprint",
     "module_fingerprint",

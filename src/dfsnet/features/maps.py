@@ -32,7 +32,7 @@ from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, modul
 from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
 from dfsnet.runtime import DEFAULT_RUNTIME
 
-__all__ = ["FeatureMaps", "cached_feature_maps", "feature_maps_key"]
+__all__ = ["FeatureMaps", "cached_feature_maps", "feature_maps_key", "maps_runtime"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,18 @@ def feature_maps_key(backbone: torch.nn.Module, dataset, *, precision: str = "fp
         n=len(dataset),
         precision=precision,
     )
+
+
+def maps_runtime(n_items: int, *, device=None, precision: str = DEFAULT_PRECISION,
+                 runtime: str = DEFAULT_RUNTIME) -> str:
+    """``"onnx"`` or ``"torch"``: the runtime for the maps of every part of one head-only setting.
+
+    Chosen once, for the ``n_items`` of all its parts together: left to each
+    :func:`cached_feature_maps` call, ``"auto"`` would compute a small part (the validation
+    images, the queries) in torch's precision and a large one (the database) in ONNX Runtime's
+    fp32, and one head's codes of the two would disagree.
+    """
+    return "onnx" if onnx_wanted(runtime, int(n_items), resolve_device(device).type, precision) else "torch"
 
 
 def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_size: int = 64,

@@ -21,10 +21,14 @@ logger = logging.getLogger(__name__)
 #: along their width; ``flip_image``: also cache the maps of the horizontally flipped training
 #: images and draw each item's map from the two at random.
 AUGMENTS = ("none", "flip", "flip_image")
-#: Model-selection metrics: validation accuracy, or validation retrieval mAP (head mode).
-MONITORS = ("val_acc", "val_map")
+#: Model-selection metrics: validation accuracy, or validation retrieval mAP (head mode) with the
+#: validation images as queries against the training images (``val_map``) or against each other
+#: (``val_map_loo``, leave-one-out).
+MONITORS = ("val_acc", "val_map", "val_map_loo")
 #: Cut-off of the validation mAP (capped at the number of training images).
 VAL_MAP_K = 1000
+#: Validation images scored by ``val_map_loo`` at most (evenly spaced past it).
+VAL_LOO_MAX = 4000
 
 
 class DFSNetTask(L.LightningModule):
@@ -45,7 +49,11 @@ class DFSNetTask(L.LightningModule):
     their width. ``monitor="val_map"`` (head mode) scores every validation epoch by the mAP of
     the validation images as queries against the training images: Hamming on the hash codes
     when the model has a hash layer (the mean over its heads), else Euclidean on the pooled
-    features. ``mixup=alpha > 0``
+    features. ``monitor="val_map_loo"`` scores the validation images against each other instead
+    (each image's own match left out), as ``dfsnet train`` scores its encoder candidates
+    (:func:`dfsnet.train.workflow.select_encoder`: mAP at the top 2 %, expected ties): the
+    network has fitted its training images (their codes sit on the class centres), so only there
+    are both sides unseen, as queries and database are in use. ``mixup=alpha > 0``
     trains on convex mixtures of pairs of inputs (weight drawn from Beta(alpha, alpha)) against
     the same mixture of their two losses.
     """
@@ -124,7 +132,7 @@ class DFSNetTask(L.LightningModule):
         loss = self._loss(logits, codes, y)
         if mix is not None:  # both losses are linear in the target: mixing them mixes the targets
             loss = mix[0] * loss + (1.0 - mix[0]) * self._loss(logits, codes, y[mix[1]])
-        if stage == "val" and self.monitor == "val_map":
+        if stage == "val" and self.monitor != "val_acc":
             self._val_outputs.append(((feats if codes is None else codes).detach().float().cpu(), y.cpu()))
         accuracy = self.train_acc if stage == "train" else self.val_acc
         accuracy(logits, y)
@@ -154,21 +162,38 @@ class DFSNetTask(L.LightningModule):
         self._val_outputs = []
 
     def on_validation_epoch_end(self) -> None:
-        if self.monitor != "val_map" or not self._val_outputs:
+        if self.monitor == "val_acc" or not self._val_outputs:
             return
-        self.log("val_map", self._val_map(), on_step=False, on_epoch=True, prog_bar=True)
+        self.log(self.monitor, self._val_map(), on_step=False, on_epoch=True, prog_bar=True)
         self._val_outputs = []
 
     @torch.no_grad()
     def _val_map(self) -> float:
-        """mAP@k of the validation outputs as queries against the training images' (eval mode)."""
-        from dfsnet.eval.metrics import euclidean_map, hamming_map
+        """The monitored validation mAP of this epoch's validation outputs (eval mode)."""
+        from dfsnet.eval.metrics import euclidean_map, hamming_map, leave_one_out_map
+        from dfsnet.train.workflow import validation_cutoff
 
         val = torch.cat([v for v, _ in self._val_outputs]).numpy()
         val_y = torch.cat([y for _, y in self._val_outputs]).numpy()
+        hashed = self.model.hash is not None
+        bounds = np.cumsum((0, *self.widths)) if hashed else np.array([0, val.shape[1]])
+        heads = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        if self.monitor == "val_map_loo":
+            # Every n-th validation image past VAL_LOO_MAX keeps the n x n distances bounded.
+            rows = np.linspace(0, len(val_y) - 1, min(len(val_y), VAL_LOO_MAX)).round().astype(np.int64)
+            val, val_y = val[rows].astype(np.float64), val_y[rows]
+            if hashed:  # for +-1 codes s, Hamming distance = (b - s . s') / 2, exact in float64
+                signs = [np.where(val[:, h] >= 0, 1.0, -1.0) for h in heads]
+                dist = [(s.shape[1] - s @ s.T) / 2.0 for s in signs]
+            else:
+                sq = (val ** 2).sum(axis=1)
+                dist = [np.maximum(sq[:, None] + sq[None] - 2.0 * val @ val.T, 0.0)]
+            # Scored as dfsnet train's encoder choice scores its candidates (select_encoder).
+            k = validation_cutoff(len(val_y))
+            # Several hash heads: the mean of their mAPs.
+            return float(np.mean([leave_one_out_map(d, val_y, k=k, ties="expected") for d in dist]))
         train_maps = self.trainer.datamodule.maps["train"]
         rows = np.flatnonzero(train_maps.ok)
-        hashed = self.model.hash is not None
         out = []
         for start in range(0, rows.size, 512):
             x = torch.from_numpy(np.asarray(train_maps.maps[rows[start:start + 512]])).to(self.device).float()
@@ -181,11 +206,9 @@ class DFSNetTask(L.LightningModule):
         k = min(VAL_MAP_K, train.shape[0])
         if not hashed:
             return float(euclidean_map(val, train, val_y, train_y, k=k).map)
-        # Several hash heads: the mean of their mAPs.
-        bounds = np.cumsum((0, *self.widths))
         pack = lambda u: np.packbits(u >= 0, axis=1, bitorder="big")  # noqa: E731
-        return float(np.mean([hamming_map(pack(val[:, a:b]), pack(train[:, a:b]), val_y, train_y, k=k).map
-                              for a, b in zip(bounds[:-1], bounds[1:])]))
+        return float(np.mean([hamming_map(pack(val[:, h]), pack(train[:, h]), val_y, train_y, k=k).map
+                              for h in heads]))
 
     def configure_optimizers(self):
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -218,7 +241,7 @@ class History(L.Callback):
     """Per-epoch metrics, kept in the Lightning checkpoint so a resumed run continues the list.
 
     Entries: ``epoch`` (0-based), ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``,
-    ``val_map`` (only when the task monitors it),
+    ``val_map`` or ``val_map_loo`` (only when the task monitors it),
     ``lr`` (head learning rate at the epoch's end), ``seconds`` (training + validation) and
     ``train_seconds`` (training only).
     """
@@ -241,8 +264,9 @@ class History(L.Callback):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             value = trainer.callback_metrics.get(key)
             entry[key] = float(value) if value is not None else float("nan")
-        if "val_map" in trainer.callback_metrics:
-            entry["val_map"] = float(trainer.callback_metrics["val_map"])
+        for key in MONITORS[1:]:
+            if key in trainer.callback_metrics:
+                entry[key] = float(trainer.callback_metrics[key])
         entry["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         entry["seconds"] = now - self._start
         entry["train_seconds"] = (self._val_start if self._val_start > self._start else now) - self._start
@@ -250,7 +274,7 @@ class History(L.Callback):
         if trainer.is_global_zero:
             logger.info("epoch %d: train_loss %.4f train_acc %.4f val_loss %.4f val_acc %.4f%s (%.1f s)",
                         entry["epoch"], entry["train_loss"], entry["train_acc"], entry["val_loss"],
-                        entry["val_acc"], f" val_map {entry['val_map']:.4f}" if "val_map" in entry else "",
+                        entry["val_acc"], "".join(f" {k} {entry[k]:.4f}" for k in MONITORS[1:] if k in entry),
                         entry["seconds"])
 
     def state_dict(self) -> dict:
@@ -330,7 +354,7 @@ class MapsDataModule(L.LightningDataModule):
 
     def __init__(self, backbone: nn.Module, train_set, val_set, *, cache_dir, batch_size: int,
                  extract_batch_size: int, num_workers: int, progress: bool, precision: str = "fp32",
-                 flip_image: bool = False):
+                 runtime: str = "auto", flip_image: bool = False):
         super().__init__()
         self.backbone = backbone
         self.sets = {"train": train_set, "val": val_set}
@@ -342,6 +366,7 @@ class MapsDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.progress = progress
         self.precision = precision
+        self.runtime = runtime
         self.cache_seconds = 0.0
         self.maps: dict[str, FeatureMaps] = {}
 
@@ -355,7 +380,8 @@ class MapsDataModule(L.LightningDataModule):
     def _cached(self, name: str, device) -> FeatureMaps:
         return cached_feature_maps(self.backbone, self.sets[name], cache_dir=self.cache_dir,
                                    batch_size=self.extract_batch_size, num_workers=self.num_workers,
-                                   device=device, precision=self.precision, progress=self.progress)
+                                   device=device, precision=self.precision, runtime=self.runtime,
+                                   progress=self.progress)
 
     def prepare_data(self) -> None:
         for name in self.sets:

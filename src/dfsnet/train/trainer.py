@@ -83,7 +83,7 @@ class TrainResult:
     best_epoch : int
         0-based epoch of the exported model (-1 when none was scored).
     best_val_map : float
-        Validation mAP of that model (NaN unless ``monitor="val_map"``).
+        The monitored validation mAP of that model (NaN under ``monitor="val_acc"``).
     hasher : LinearHasher or None
         The trained hash head of a model with one ``hash_bits`` width, on its pooled features.
     hashers : dict of int to LinearHasher
@@ -139,6 +139,7 @@ def train_model(
     hash_weight: float = 1.0,
     hash_lam: float = 1e-4,
     mixup: float = 0.0,
+    maps_runtime: str = "auto",
 ) -> TrainResult:
     """Train ``model`` for classification and export the best epoch to ``out_dir/model.safetensors``.
 
@@ -186,13 +187,17 @@ def train_model(
     precision : {"auto", "fp32", "bf16"}
         See :func:`dfsnet.precision.resolve_training_precision` (on a CPU, ``"auto"`` trains
         the full network in fp32 with channels_last, where it measured fastest, and heads in
-        bf16 where native): bf16 runs as Lightning's ``"bf16-mixed"`` (autocast), for the
-        training steps and the feature-map cache alike. The resolved name is recorded in the
-        result and in ``train_config.json``.
+        bf16 where native): bf16 runs as Lightning's ``"bf16-mixed"`` (autocast). The resolved
+        name is recorded in the result and in ``train_config.json``. The head mode's maps are
+        extracted under ``precision`` as given (see :func:`dfsnet.features.cached_feature_maps`).
     num_workers : int
         DataLoader workers for reading images (head mode: while caching; full mode: always).
     cache_dir : path, optional
         Head mode feature-map cache; default ``out_dir/cache``.
+    maps_runtime : {"auto", "torch", "onnx"}
+        Head mode: the runtime of the frozen backbone's maps. Give the one of
+        :func:`dfsnet.features.maps_runtime` for the whole setting, so the maps the head trains on
+        are computed as those of the images it later encodes.
     progress : bool
         Progress bars for caching and epochs.
     seed : int
@@ -204,10 +209,11 @@ def train_model(
     augment : {"none", "flip", "flip_image"}
         Head mode: see :data:`dfsnet.train.module.AUGMENTS` (full mode augments through the
         dataset's transform; anything but "none" is refused there).
-    monitor : {"val_acc", "val_map"}
+    monitor : {"val_acc", "val_map", "val_map_loo"}
         What selects the best epoch and drives early stopping; ``"val_map"`` (head mode) is the
         validation images' retrieval mAP against the training images (on the hash codes when
-        the model has a hash layer).
+        the model has a hash layer), ``"val_map_loo"`` their mAP against each other (see
+        :class:`dfsnet.train.module.DFSNetTask`).
     hash_loss : {"csq", "orthohash"}
         Loss of the hash layer of a model built with ``hash_bits``, added to the cross-entropy
         with weight ``hash_weight``; ``hash_lam`` weighs its quantisation term.
@@ -274,7 +280,7 @@ def train_model(
     config = _config(model, train_set, val_set, mode=mode, optimizer=optimizer, lr=lr,
                      weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, precision=prec.name,
                      augment=augment, monitor=monitor, mixup=mixup, hash_bits=list(model.hash_widths) or None,
-                     hash_loss=hash_loss if model.meta.hash_bits else None)
+                     hash_loss=hash_loss if model.meta.hash_bits else None, maps_runtime=maps_runtime)
     resuming = resume and last_ckpt.is_file()
     if resuming:
         _check_resumable(out_dir / CONFIG_FILE, config)
@@ -298,8 +304,8 @@ def train_model(
         if mode == "head":
             data = MapsDataModule(model.backbone, train_set, val_set, cache_dir=cache_dir or out_dir / "cache",
                                   batch_size=batch_size, extract_batch_size=max(batch_size, 64),
-                                  num_workers=num_workers, progress=progress, precision=prec.name,
-                                  flip_image=augment == "flip_image")
+                                  num_workers=num_workers, progress=progress, precision=precision,
+                                  runtime=maps_runtime, flip_image=augment == "flip_image")
         else:
             data = ImagesDataModule(train_set, val_set, batch_size=batch_size, num_workers=num_workers,
                                     pin_memory=on_gpu)
@@ -352,7 +358,7 @@ def train_model(
     scored = [e for e in history.epochs if e.get(monitor, float("nan")) == e.get(monitor, float("nan"))]
     # The first of equal epochs, as ModelCheckpoint keeps it.
     best = max(scored, key=lambda e: e[monitor]) if scored else {"val_acc": float("nan"), "epoch": -1}
-    best_map = float(best.get("val_map", float("nan")))
+    best_map = float(best.get(monitor, float("nan"))) if monitor != "val_acc" else float("nan")
     stopped = state["stopped"] or (0 < len(history.epochs) < epochs and trainer.should_stop)
     path = out_dir / MODEL_FILE
     hashers = model.export_hashers()
@@ -399,6 +405,8 @@ def _config(model, train_set, val_set, **settings) -> dict:
     if settings["mode"] == "head":
         # The cached maps come from the backbone given now; a resumed run must get the same one.
         config["backbone_weights"] = module_fingerprint(model.backbone)
+    else:
+        config.pop("maps_runtime", None)
     return config
 
 

@@ -226,6 +226,12 @@ def encoder_candidates(feature_dim: int, n_bits: int, *, n_train: int, learned=N
 SELECT_TOP_FRACTION = 0.02
 
 
+def validation_cutoff(n_val: int) -> int:
+    """The cut-off of a leave-one-out validation mAP over ``n_val`` images: the top
+    :data:`SELECT_TOP_FRACTION` of the other ``n_val - 1``, at least 5 (capped at them)."""
+    return min(max(5, math.ceil(SELECT_TOP_FRACTION * (n_val - 1))), n_val - 1)
+
+
 def select_encoder(candidates: dict[str, Encoder], fit: tuple[np.ndarray, np.ndarray],
                    val: tuple[np.ndarray, np.ndarray], *, k: int | None = None) -> tuple[str, dict[str, dict]]:
     """The candidate whose validation codes retrieve best; never looks at the queries.
@@ -258,24 +264,21 @@ def select_encoder(candidates: dict[str, Encoder], fit: tuple[np.ndarray, np.nda
     """
     from sklearn.base import clone
 
-    from dfsnet.eval.metrics import mean_average_precision
+    from dfsnet.eval.metrics import leave_one_out_map
     from dfsnet.hashing import hamming_distances
 
     (xf, yf), (xv, yv) = fit, val
     n = xv.shape[0]
     if n < 2:
         raise InputError(f"val: the encoder is chosen on the validation images; expected at least 2, got {n}")
-    k = min(max(5, math.ceil(SELECT_TOP_FRACTION * (n - 1))) if k is None else k, n - 1)
-    others = ~np.eye(n, dtype=bool)
+    k = min(validation_cutoff(n) if k is None else k, n - 1)
     scores: dict[str, dict] = {}
     for name, encoder in candidates.items():
         if not hasattr(encoder, "n_bits_"):
             encoder = clone(encoder).fit(xf, yf)
         codes = encoder.transform(xv)
-        d = hamming_distances(codes, codes)[others].reshape(n, n - 1)
-        db_labels = np.broadcast_to(yv, (n, n))[others].reshape(n, n - 1)
-        ap = {cut: np.mean([mean_average_precision(yv[i:i + 1], db_labels[i], distances=d[i:i + 1], k=cut,
-                                                   ties="expected") for i in range(n)]) for cut in (k, None)}
+        d = hamming_distances(codes, codes)
+        ap = {cut: leave_one_out_map(d, yv, k=cut, ties="expected") for cut in (k, None)}
         scores[name] = {"map_at_k": float(ap[k]), "map_all": float(ap[None]), "k": k}
         logger.info("encoder candidate %s: validation (leave-one-out) mAP@%d %.4f, mAP@all %.4f", name, k,
                     scores[name]["map_at_k"], scores[name]["map_all"])
@@ -393,14 +396,16 @@ def train_network(model: DFSNet, fit_set, val_set, *, mode: str, out_dir: str | 
 
 def part_features(model: DFSNet, subset, *, mode: str, maps_cache_dir=None, features_cache_dir=None,
                   pixel_cache_dir=None, batch_size: int = 64, num_workers: int = 0, device: str | None = "auto",
-                  precision: str = DEFAULT_PRECISION, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  precision: str = DEFAULT_PRECISION, runtime: str = "auto",
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features and labels of the readable images of ``subset``.
 
     Head mode runs only the head over the frozen backbone's cached maps (``maps_cache_dir``,
-    the cache the head training filled); full mode runs the whole network over the images
-    (cached in ``features_cache_dir`` when given, keyed by the weights). Images decoded for the
-    backbone's maps or the network are kept in ``pixel_cache_dir`` when given, for the next
-    network run over the same part (:mod:`dfsnet.features.pixels`).
+    the cache the head training filled; give the training's ``maps_runtime``, see
+    :func:`dfsnet.features.maps_runtime`); full mode runs the whole network over the images
+    (cached in ``features_cache_dir`` when given, keyed by the weights) in ``runtime``. Images
+    decoded for the backbone's maps or the network are kept in ``pixel_cache_dir`` when given,
+    for the next network run over the same part (:mod:`dfsnet.features.pixels`).
 
     Returns
     -------
@@ -412,23 +417,25 @@ def part_features(model: DFSNet, subset, *, mode: str, maps_cache_dir=None, feat
     dev = torch_device(device)
     if mode == "head":
         maps = cached_feature_maps(model.backbone, subset, cache_dir=maps_cache_dir, batch_size=batch_size,
-                                   num_workers=num_workers, device=dev, precision=precision,
+                                   num_workers=num_workers, device=dev, precision=precision, runtime=runtime,
                                    pixel_cache_dir=pixel_cache_dir, progress=progress)
         # Rows of unreadable images are zero maps: cheaper to pool and drop than to copy the rest.
         feats = extract_from_maps(model, maps.maps, batch_size=256, device=dev, precision=precision)
         return feats[maps.ok], subset.targets[maps.ok]
     feats, ok = extract_features_with_mask(model, subset, batch_size=batch_size, num_workers=num_workers,
-                                           device=dev, precision=precision, cache_dir=features_cache_dir,
+                                           device=dev, precision=precision, runtime=runtime,
+                                           cache_dir=features_cache_dir,
                                            pixel_cache_dir=pixel_cache_dir, progress=progress)
     return feats[ok], subset.targets[ok]
 
 
 def train_part_features(model: DFSNet, pool, split: Split, *, mode: str, maps_cache_dir=None,
                         batch_size: int = 64, num_workers: int = 0, device: str | None = "auto",
-                        precision: str = DEFAULT_PRECISION, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                        precision: str = DEFAULT_PRECISION, runtime: str = "auto",
+                        progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of the split's train part (fit + val): what the encoder is fitted on."""
     common = dict(mode=mode, batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
-                  progress=progress)
+                  runtime=runtime, progress=progress)
     if mode == "head":  # the maps of both parts are in the training's cache already
         parts = [part_features(model, split.subset(pool, p), maps_cache_dir=maps_cache_dir, **common)
                  for p in ("fit", "val")]
@@ -541,7 +548,7 @@ def train_and_fit(
     (no hash head; gain ratio + sample-mean hash); ``"custom"`` is ``selector`` + ``hasher``.
     ``hash_head="auto"`` is ``"csq"`` for ``encoder`` auto or learned, else ``"none"``.
     ``mixup`` defaults to 0.4 in head mode with a hash head, else 0.
-    ``augment`` and ``monitor`` default to ``"flip"`` and ``"val_map"`` in head mode (``"none"``
+    ``augment`` and ``monitor`` default to ``"flip"`` and ``"val_map_loo"`` in head mode (``"none"``
     and ``"val_acc"`` in full mode, and ``"val_acc"`` for Ori without a hash head, whose
     head-only features do not train); see :func:`dfsnet.train.train_model`. ``refit`` trains the
     network again from the same initial weights on fit + validation images for the selected
@@ -556,6 +563,7 @@ def train_and_fit(
     from dfsnet._io import atomic_write_text
     from dfsnet._validation import check_choice
     from dfsnet.data import Split, build_transforms, load_pool, make_split
+    from dfsnet.features import maps_runtime
     from dfsnet.models import create_backbone, load_checkpoint, read_checkpoint_meta
     from dfsnet.train.evaluate import evaluate_accuracy
 
@@ -588,7 +596,7 @@ def train_and_fit(
     # Chosen on CIFAR-10's validation split: mixup helps the hash head, not the paper's hash.
     mixup = (0.4 if mode == "head" and hash_bits else 0.0) if mixup is None else mixup
     # Ori's head-only features (GAP of the frozen maps) do not train: only its hash head could.
-    monitor = monitor or ("val_map" if mode == "head" and (dfs or hash_bits) else "val_acc")
+    monitor = monitor or ("val_map_loo" if mode == "head" and (dfs or hash_bits) else "val_acc")
     fixed = {"custom": (selector, hasher, n_bits), "paper": ("gain_ratio", "sample_mean", n_bits_used),
              "itq": (None, "itq", n_bits_used)}.get(encoder)
     # Checked before any training: the settings of a fixed encoder, or the auto candidates' length.
@@ -626,12 +634,15 @@ def train_and_fit(
     logger.info("training %s (%s, %s mode, %d px) on %d images, validating on %d; split %s %s",
                 "DFS-Net" if dfs else "Ori", backbone_meta.name, mode, size, len(fit_set), len(val_set),
                 the_split.protocol, the_split.sizes())
+    # One runtime for the maps of every part, so the encoder is fitted on maps made as the training's.
+    runtime = maps_runtime(the_split.train.size, device=torch_device(device), precision=precision) \
+        if mode == "head" else "auto"
     common = dict(mode=mode, seed=seed, progress=progress, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                   backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs, batch_size=batch_size,
                   resume=resume, accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                   precision=precision, num_workers=num_workers, cache_dir=cache_dir, augment=augment,
                   hash_loss="csq" if hash_head == "none" else hash_head, hash_weight=hash_weight,
-                  hash_lam=hash_lam, mixup=mixup,
+                  hash_lam=hash_lam, mixup=mixup, maps_runtime=runtime,
                   extra={"image_size": size, "source": source, "data": str(data) if data else None,
                          "split_protocol": the_split.protocol, "split_seed": the_split.seed})
     initial = copy.deepcopy(model.state_dict()) if refit else None
@@ -644,7 +655,7 @@ def train_and_fit(
     maps_dir = cache_dir or out / "cache"
     feats = {part: part_features(model, the_split.subset(pool, part), mode=mode, maps_cache_dir=maps_dir,
                                  batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
-                                 progress=progress) for part in ("fit", "val")}
+                                 runtime=runtime, progress=progress) for part in ("fit", "val")}
     record: dict[str, Any] = {"choice": encoder, "selected_on": None, "n_bits": None, "candidates": {}}
     choice = encoder
     if encoder == "auto":
@@ -667,7 +678,7 @@ def train_and_fit(
         outcome.result = result
         feats = {"train": part_features(model, the_split.subset(pool, "train"), mode=mode, maps_cache_dir=maps_dir,
                                         batch_size=batch_size, num_workers=num_workers, device=device,
-                                        precision=precision, progress=progress)}
+                                        precision=precision, runtime=runtime, progress=progress)}
         # The refitted network is the one to index with; the selection stands.
         os.replace(result.checkpoint, out / "model.safetensors")
         result.checkpoint = out / "model.safetensors"
