@@ -186,3 +186,17 @@ def test_leave_one_out_validation_map_selects_the_epoch(data_root, tmp_path, has
 
     assert leave_one_out_map(dist, y, k=validation_cutoff(len(y)), ties="expected") == pytest.approx(
         result.best_val_map, abs=1e-6)
+
+
+def test_leave_one_out_monitor_needs_two_validation_images(data_root, tmp_path):
+    from dfsnet.errors import InputError
+
+    model = _net()
+    train_set, val_set = _sets(data_root, model.backbone.meta)
+    one = Subset(val_set, [0])
+    with pytest.raises(InputError, match="val_set: monitor 'val_map_loo'.*at least 2, got 1"):
+        train_model(model, train_set, one, mode="head", epochs=1, out_dir=tmp_path / "run", monitor="val_map_loo",
+                    accelerator="cpu", **FAST)
+    with pytest.raises(InputError, match="maps_runtime: expected one of .*'onnx'.*'tensorrt'"):
+        train_model(model, train_set, val_set, mode="head", epochs=1, out_dir=tmp_path / "run",
+                    maps_runtime="tensorrt", accelerator="cpu", **FAST)

@@ -179,6 +179,9 @@ class DFSNetTask(L.LightningModule):
         bounds = np.cumsum((0, *self.widths)) if hashed else np.array([0, val.shape[1]])
         heads = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         if self.monitor == "val_map_loo":
+            if len(val_y) < 2:
+                raise InputError(f"val_set: {len(val_y)} validation image(s) could be loaded; monitor "
+                                 "'val_map_loo' ranks them against each other and needs at least 2")
             # Every n-th validation image past VAL_LOO_MAX keeps the n x n distances bounded.
             rows = np.linspace(0, len(val_y) - 1, min(len(val_y), VAL_LOO_MAX)).round().astype(np.int64)
             val, val_y = val[rows].astype(np.float64), val_y[rows]

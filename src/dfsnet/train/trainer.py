@@ -255,6 +255,7 @@ def train_model(
                              f"{'None' if ds is None else 'an empty one'}")
         _check_label_range(ds, model.meta.num_classes, name)
     from dfsnet.hashing.learned import HASH_LOSSES
+    from dfsnet.runtime import RUNTIMES
     from dfsnet.train.module import AUGMENTS, MONITORS
 
     check_choice(augment, AUGMENTS, name="augment")
@@ -263,6 +264,10 @@ def train_model(
     if mode == "full" and (augment != "none" or monitor != "val_acc"):
         raise InputError(f"augment, monitor: {augment!r} / {monitor!r} are head-mode options; full mode augments "
                          "through the training set's transform and monitors val_acc")
+    if monitor == "val_map_loo" and len(val_set) < 2:
+        raise InputError(f"val_set: monitor 'val_map_loo' ranks the validation images against each other; "
+                         f"expected at least 2, got {len(val_set)}")
+    check_choice(maps_runtime, RUNTIMES, name="maps_runtime")
     for name, value in (("hash_weight", hash_weight), ("hash_lam", hash_lam), ("mixup", mixup)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise InputError(f"{name}: expected a finite non-negative number, got {value!r}")
