@@ -200,3 +200,17 @@ def test_leave_one_out_monitor_needs_two_validation_images(data_root, tmp_path):
     with pytest.raises(InputError, match="maps_runtime: expected one of .*'onnx'.*'tensorrt'"):
         train_model(model, train_set, val_set, mode="head", epochs=1, out_dir=tmp_path / "run",
                     maps_runtime="tensorrt", accelerator="cpu", **FAST)
+
+
+def test_full_mode_monitors_the_leave_one_out_map_but_not_the_maps_one(data_root, tmp_path):
+    from dfsnet.errors import InputError
+
+    model = _net()
+    train_set, val_set = _sets(data_root, model.backbone.meta)
+    with pytest.raises(InputError, match="monitor: 'val_map' ranks against the cached maps of head mode"):
+        train_model(model, train_set, val_set, mode="full", epochs=1, out_dir=tmp_path / "a", monitor="val_map",
+                    accelerator="cpu", **FAST)
+    result = train_model(model, train_set, val_set, mode="full", epochs=2, out_dir=tmp_path / "b",
+                         monitor="val_map_loo", patience=None, accelerator="cpu", **FAST)
+    scores = [e["val_map_loo"] for e in result.history]
+    assert len(scores) == 2 and result.best_val_map == max(scores) and 0 <= result.best_val_map <= 1

@@ -97,8 +97,8 @@ def _register_train(subparsers) -> None:
                         "mirrored images' maps and draws from both (default: flip in head mode, none in full "
                         "mode, which augments the images)")
     g.add_argument("--monitor", choices=("val_acc", "val_map", "val_map_loo"),
-                   help="what selects the best epoch and stops early: validation accuracy, or (head mode) "
-                        "the validation images' retrieval mAP against the training images (val_map) or "
+                   help="what selects the best epoch and stops early: validation accuracy, or the validation "
+                        "images' retrieval mAP against the training images (val_map, head mode only) or "
                         "against each other (val_map_loo) (default: val_map_loo in head mode, val_acc in full mode)")
     g.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="mixup of training inputs and their losses, weight ~ Beta(ALPHA, ALPHA); 0 = off "

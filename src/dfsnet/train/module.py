@@ -49,7 +49,7 @@ class DFSNetTask(L.LightningModule):
     their width. ``monitor="val_map"`` (head mode) scores every validation epoch by the mAP of
     the validation images as queries against the training images: Hamming on the hash codes
     when the model has a hash layer (the mean over its heads), else Euclidean on the pooled
-    features. ``monitor="val_map_loo"`` scores the validation images against each other instead
+    features. ``monitor="val_map_loo"`` (either mode) scores the validation images against each other instead
     (each image's own match left out), as ``dfsnet train`` scores its encoder candidates
     (:func:`dfsnet.train.workflow.select_encoder`: mAP at the top 2 %, expected ties): the
     network has fitted its training images (their codes sit on the class centres), so only there

@@ -212,8 +212,8 @@ def train_model(
     monitor : {"val_acc", "val_map", "val_map_loo"}
         What selects the best epoch and drives early stopping; ``"val_map"`` (head mode) is the
         validation images' retrieval mAP against the training images (on the hash codes when
-        the model has a hash layer), ``"val_map_loo"`` their mAP against each other (see
-        :class:`dfsnet.train.module.DFSNetTask`).
+        the model has a hash layer), ``"val_map_loo"`` (either mode) their mAP against each
+        other (see :class:`dfsnet.train.module.DFSNetTask`).
     hash_loss : {"csq", "orthohash"}
         Loss of the hash layer of a model built with ``hash_bits``, added to the cross-entropy
         with weight ``hash_weight``; ``hash_lam`` weighs its quantisation term.
@@ -261,9 +261,12 @@ def train_model(
     check_choice(augment, AUGMENTS, name="augment")
     check_choice(monitor, MONITORS, name="monitor")
     check_choice(hash_loss, HASH_LOSSES, name="hash_loss")
-    if mode == "full" and (augment != "none" or monitor != "val_acc"):
-        raise InputError(f"augment, monitor: {augment!r} / {monitor!r} are head-mode options; full mode augments "
-                         "through the training set's transform and monitors val_acc")
+    if mode == "full" and augment != "none":
+        raise InputError(f"augment: {augment!r} is a head-mode option; full mode augments through the training "
+                         "set's transform")
+    if mode == "full" and monitor == "val_map":
+        raise InputError("monitor: 'val_map' ranks against the cached maps of head mode; full mode monitors "
+                         "val_acc or val_map_loo")
     if monitor == "val_map_loo" and len(val_set) < 2:
         raise InputError(f"val_set: monitor 'val_map_loo' ranks the validation images against each other; "
                          f"expected at least 2, got {len(val_set)}")
