@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                         "baseline of the precision comparison")
     p.add_argument("--monitor", choices=("val_acc", "val_map", "val_map_loo"), default=None,
                    help="what selects DFS-Net's head-only epoch (default: the config's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the split, the initial weights and the training (default: the config's, 0)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["precision"] = args.precision
     if args.monitor:
         overrides["monitor"] = args.monitor
+    if args.seed is not None:
+        overrides["seed"] = args.seed
     overrides["data_root"] = {"cifar10": str(root)}
     if args.maps_cache:
         link = args.out_dir / overrides.get("name", "cifar10_cpu") / "cache" / "maps"
