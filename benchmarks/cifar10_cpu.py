@@ -24,6 +24,7 @@ class.
     .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --few-shot                # 20 per class
     .venv/bin/python benchmarks/cifar10_cpu.py --quick           # smoke run on 4,000 images
     .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --precision fp32 --name cifar10_cpu_head_fp32
+    .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --seed 1 --monitor val_map --name valmap_seed1
 """
 from __future__ import annotations
 
