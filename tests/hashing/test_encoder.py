@@ -77,7 +77,7 @@ def test_encoder_with_given_estimators(data):
 
 
 def test_transform_uses_a_selector_subclass_own_transform(data):
-    # The built-in selectors skip re-validating X inside Encoder.transform; a subclass keeps its own.
+    # Encoder.transform runs the selector's own transform, a subclass's override included.
     class Shifted(RandomSelector):
         def transform(self, X):
             return super().transform(X) + 100

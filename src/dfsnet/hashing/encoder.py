@@ -135,10 +135,7 @@ class Encoder(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, ("n_bits_", "hasher_"))
         X = validate_data(self, X, reset=False)
-        if type(self.selector_) in (GainRatioSelector, RandomSelector):
-            # X has just passed the checks their transform would repeat (same width): not again.
-            X = self.selector_._select(X)
-        elif self.selector_ is not None:
+        if self.selector_ is not None:
             X = self.selector_.transform(X)
         return self.hasher_.transform(X)
 

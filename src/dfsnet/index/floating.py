@@ -26,7 +26,7 @@ METRICS = ("l2", "cosine")
 _PAIR_BLOCK = 1 << 16
 # Stored vectors converted to float64 per block of the exhaustive (whole-index) path: large
 # enough that the matrix product's calls are few (many small multi-threaded BLAS calls stall
-# on a busy machine), and (query, vector) distances it ranks at once.
+# on a busy machine).
 _SCAN_BUDGET = 1 << 21
 # (query, vector) distances the exhaustive path ranks at once.
 _RANK_BUDGET = 1 << 21

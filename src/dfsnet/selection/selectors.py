@@ -59,14 +59,9 @@ class _RankingSelector(TransformerMixin, BaseEstimator):
         None), C-contiguous.
         """
         check_is_fitted(self, ("ranking_",))
-        return self._select(validate_data(self, X, reset=False))
-
-    def _select(self, X: np.ndarray) -> np.ndarray:
-        """The kept columns of a validated ``X`` (float32, (n, n_features_in_)), C-contiguous.
-
-        ``np.take`` gathers whole rows at a time: many times faster than fancy indexing
-        ``X[:, idx]`` by a long column permutation, with the same values.
-        """
+        X = validate_data(self, X, reset=False)
+        # np.take gathers whole rows at a time: many times faster than fancy indexing X[:, idx]
+        # by a long column permutation, with the same values.
         return np.take(X, self.selected_features_, axis=1)
 
     @property
