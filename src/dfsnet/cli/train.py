@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dfsnet.cli._common import add_device_arg, add_precision_arg, add_progress_arg, progress_enabled
 from dfsnet.errors import InputError
-from dfsnet.train.workflow import ENCODERS, HASH_HEADS, MODES
+from dfsnet.train.workflow import ENCODERS, HASH_HEADS, MODES, MONITORS
 
 # Listed for --help only; the library validates the names and lists the valid ones on error.
 _SOURCES = "folder, cifar10, caltech256, digits"
@@ -96,7 +96,7 @@ def _register_train(subparsers) -> None:
                    help="head mode: flip mirrors half of each batch of cached maps; flip_image also caches the "
                         "mirrored images' maps and draws from both (default: flip in head mode, none in full "
                         "mode, which augments the images)")
-    g.add_argument("--monitor", choices=("val_acc", "val_map", "val_map_loo"),
+    g.add_argument("--monitor", choices=MONITORS,
                    help="what selects the best epoch and stops early: validation accuracy, or the validation "
                         "images' retrieval mAP against the training images (val_map, head mode only) or "
                         "against each other (val_map_loo) (default: val_map_loo in head mode, val_acc in full mode)")

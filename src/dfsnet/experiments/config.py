@@ -25,7 +25,7 @@ from dfsnet.errors import InputError, InputTypeError
 from dfsnet.eval.metrics import TIES
 from dfsnet.experiments.schemes import ablation_names
 from dfsnet.precision import DEFAULT_PRECISION, PRECISIONS
-from dfsnet.train.workflow import DEVICE_HELP, MODES
+from dfsnet.train.workflow import DEVICE_HELP, MODES, MONITORS
 
 __all__ = [
     "ConfigField",
@@ -322,7 +322,7 @@ def _validate(cfg: ExperimentConfig) -> None:
             raise _unknown("ablations", ablation, ablation_names())
     check_choice(cfg.optimizer, OPTIMIZERS, name="optimizer")
     check_choice(cfg.augment, ("none", "flip", "flip_image"), name="augment")
-    check_choice(cfg.monitor, ("val_acc", "val_map", "val_map_loo"), name="monitor")
+    check_choice(cfg.monitor, MONITORS, name="monitor")
     check_choice(cfg.precision, PRECISIONS, name="precision")
     torch_device(cfg.device)
     for key in ("epochs", "batch_size", "k", "pr_bits", "itq_max_bits"):

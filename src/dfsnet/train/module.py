@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dfsnet.errors import InputError
 from dfsnet.features.maps import FeatureMaps, cached_feature_maps
+from dfsnet.train.workflow import MONITORS, validation_cutoff
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +22,6 @@ logger = logging.getLogger(__name__)
 #: along their width; ``flip_image``: also cache the maps of the horizontally flipped training
 #: images and draw each item's map from the two at random.
 AUGMENTS = ("none", "flip", "flip_image")
-#: Model-selection metrics: validation accuracy, or validation retrieval mAP (head mode) with the
-#: validation images as queries against the training images (``val_map``) or against each other
-#: (``val_map_loo``, leave-one-out).
-MONITORS = ("val_acc", "val_map", "val_map_loo")
 #: Cut-off of the validation mAP (capped at the number of training images).
 VAL_MAP_K = 1000
 #: Validation images scored by ``val_map_loo`` at most (evenly spaced past it).
@@ -171,7 +168,6 @@ class DFSNetTask(L.LightningModule):
     def _val_map(self) -> float:
         """The monitored validation mAP of this epoch's validation outputs (eval mode)."""
         from dfsnet.eval.metrics import euclidean_map, hamming_map, leave_one_out_map
-        from dfsnet.train.workflow import validation_cutoff
 
         val = torch.cat([v for v, _ in self._val_outputs]).numpy()
         val_y = torch.cat([y for _, y in self._val_outputs]).numpy()

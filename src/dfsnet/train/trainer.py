@@ -256,7 +256,8 @@ def train_model(
         _check_label_range(ds, model.meta.num_classes, name)
     from dfsnet.hashing.learned import HASH_LOSSES
     from dfsnet.runtime import RUNTIMES
-    from dfsnet.train.module import AUGMENTS, MONITORS
+    from dfsnet.train.module import AUGMENTS
+    from dfsnet.train.workflow import MONITORS
 
     check_choice(augment, AUGMENTS, name="augment")
     check_choice(monitor, MONITORS, name="monitor")

@@ -68,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 #: Training modes: ``head`` (frozen backbone, head trained on cached maps) and ``full`` fine-tuning.
 MODES = ("head", "full")
+#: Model-selection metrics: validation accuracy, or validation retrieval mAP with the validation
+#: images as queries against the training images (``val_map``, head mode) or against each other
+#: (``val_map_loo``, leave-one-out); see :class:`dfsnet.train.module.DFSNetTask`.
+MONITORS = ("val_acc", "val_map", "val_map_loo")
 #: Code length of an encoder fitted with a selector (or ITQ) when none is given.
 DEFAULT_BITS = 128
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
