@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                         "baseline of the precision comparison")
     p.add_argument("--monitor", choices=("val_acc", "val_map", "val_map_loo"), default=None,
                    help="what selects DFS-Net's head-only epoch (default: the config's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size in pixels (default: the config's, 128); EfficientNet-Lite0 was "
+                        "pretrained at 224")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the split, the initial weights and the training (default: the config's, 0)")
     args = p.parse_args(argv)
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["monitor"] = args.monitor
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.image_size is not None:
+        overrides["image_size"] = args.image_size
     overrides["data_root"] = {"cifar10": str(root)}
     if args.maps_cache:
         link = args.out_dir / overrides.get("name", "cifar10_cpu") / "cache" / "maps"

@@ -29,3 +29,7 @@ def test_gpu_protocol_smoke_run_on_cpu(tmp_path):
                 m = e["map"]["learned"][b]
                 assert 0 <= m["map_all"] <= 1 and 0 <= m["map_at_1000"] <= 1
             assert ("paper" in e["map"]) == (net == "dfs")
+            training = e["training"]
+            assert training["monitor"] == "val_map_loo"
+            assert all(0 <= h["val_map_loo"] <= 1 for h in training["history"])
+            assert training["best_epoch"] in range(len(training["history"]))
