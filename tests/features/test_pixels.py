@@ -124,3 +124,32 @@ def test_batched_normalisation_equals_one_image_at_a_time(model, folder):
     batch = pre.normalize(np.stack([pre.pixels(im) for im in images]))
     for row, image in zip(batch, images):
         np.testing.assert_array_equal(row, pre(image))
+
+
+@pytest.mark.parametrize("kind", ["pixels", "maps"])
+def test_an_entry_whose_bytes_changed_fails_its_checksum_and_is_computed_again(model, folder, tmp_path, caplog,
+                                                                              kind):
+    from dfsnet.features import _loader
+
+    cache = tmp_path / kind
+    if kind == "pixels":
+        def compute():
+            return extract_features_with_mask(model, folder, precision="fp32", pixel_cache_dir=cache)[0]
+    else:
+        def compute():
+            return np.array(cached_feature_maps(model.backbone, folder, cache_dir=cache, batch_size=4,
+                                                precision="fp32").maps)
+    first = compute()
+    (array_path,) = cache.glob("*.npy")
+    data = bytearray(array_path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte: same size and shape, so only the checksum can tell
+    array_path.write_bytes(bytes(data))
+    _loader._VERIFIED.clear()  # as a new process would start
+    caplog.clear()
+    again = compute()
+    assert "ignoring damaged cache" in caplog.text
+    np.testing.assert_array_equal(again, first)
+    assert array_path.read_bytes() != bytes(data)  # rewritten
+    caplog.clear()
+    compute()
+    assert "damaged" not in caplog.text

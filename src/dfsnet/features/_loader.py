@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dfsnet._io import atomic_write, sha256_file
 from dfsnet._validation import check_positive_int
 from dfsnet.errors import InputError, InputTypeError
 from dfsnet.precision import Precision
@@ -84,23 +86,66 @@ def check_cache_dir(cache_dir) -> Path:
     return path
 
 
+class HashingWriter:
+    """A binary file whose ``write`` also feeds a SHA-256 of everything written, so a cache
+    entry's checksum costs no second pass over a file of gigabytes."""
+
+    def __init__(self, fh):
+        self._fh = fh
+        self._sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self._sha256.update(data)
+        return self._fh.write(data)
+
+    def hexdigest(self) -> str:
+        return self._sha256.hexdigest()
+
+
+# Array files whose checksum matched in this process, by (path, size, mtime, inode, digest): the
+# runner reads one entry several times, and hashing it again each time would cost seconds.
+_VERIFIED: set[tuple] = set()
+
+
+def _checksum_matches(path: Path, digest: str) -> bool:
+    st = path.stat()
+    stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, digest)
+    if stamp in _VERIFIED:
+        return True
+    if sha256_file(path) != digest:
+        return False
+    _VERIFIED.add(stamp)
+    return True
+
+
 def read_cache_entry(array_path: Path, meta_path: Path, version: int, *, what: str):
     """``(array, labels, ok)`` of a cache entry: a ``.npy`` array, memory-mapped read-only, and its
-    ``.meta.npz`` (``labels``, ``ok``, ``version``), which is written last. None when either file is
-    missing, of another ``version``, or unreadable (logged as a warning naming ``what``); the
-    caller checks the shapes."""
+    ``.meta.npz`` (``labels``, ``ok``, ``version`` and the array file's ``sha256``), which is
+    written last. None when either file is missing, of another ``version``, unreadable, or when
+    the array file does not match its checksum (logged as a warning naming ``what``; the caller
+    computes the entry again); the caller checks the shapes."""
     if not (array_path.is_file() and meta_path.is_file()):
         return None
     try:
-        array = np.load(array_path, mmap_mode="r", allow_pickle=False)
         with np.load(meta_path, allow_pickle=False) as z:
             if int(z["version"]) != version:
                 return None
-            labels, ok = z["labels"], z["ok"]
+            labels, ok, digest = z["labels"], z["ok"], str(z["sha256"])
+        if not _checksum_matches(array_path, digest):
+            logger.warning("%s: ignoring damaged cache %s (its SHA-256 is not the one recorded in %s); "
+                           "computing it again", what, array_path, meta_path.name)
+            return None
+        array = np.load(array_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         logger.warning("%s: ignoring unreadable cache %s (%s)", what, array_path, exc)
         return None
     return array, labels, ok
+
+
+def write_cache_meta(meta_path: Path, *, labels: np.ndarray, ok: np.ndarray, version: int, sha256: str) -> None:
+    """The ``.meta.npz`` that completes a cache entry (atomically; written after its array file)."""
+    with atomic_write(meta_path) as fh:
+        np.savez(fh, labels=labels, ok=ok, version=np.int64(version), sha256=np.array(sha256))
 
 
 def check_dataset(dataset, *, name: str = "dataset") -> int:

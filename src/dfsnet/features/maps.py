@@ -19,6 +19,7 @@ import torch
 from dfsnet._io import atomic_write
 from dfsnet.errors import InputError
 from dfsnet.features._loader import (
+    HashingWriter,
     check_cache_dir,
     check_dataset,
     exported_graph,
@@ -27,6 +28,7 @@ from dfsnet.features._loader import (
     onnx_wanted,
     read_cache_entry,
     resolve_device,
+    write_cache_meta,
 )
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint, module_fingerprint
 from dfsnet.precision import DEFAULT_PRECISION, resolve_precision
@@ -36,7 +38,7 @@ __all__ = ["FeatureMaps", "cached_feature_maps", "feature_maps_key", "maps_runti
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -116,8 +118,9 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
         is marked in ``ok``. Read in order, without augmentation being meaningful: the maps
         are computed once, so a random train transform would be frozen into the cache.
     cache_dir : path
-        Directory of ``maps-<key>.npy`` (the maps) and ``maps-<key>.meta.npz`` (labels, mask);
-        the second is written last and marks the entry complete. Both are atomic.
+        Directory of ``maps-<key>.npy`` (the maps) and ``maps-<key>.meta.npz`` (labels, mask,
+        the maps file's SHA-256, checked once per process on a hit: a damaged entry is
+        computed again); the second is written last and marks the entry complete. Both are atomic.
     batch_size : int
     num_workers : int, optional
         Image-decoding workers; default: auto (see :func:`dfsnet.features.extract_features`).
@@ -153,7 +156,8 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
     shape = None
     pending = 0  # rows of unreadable items seen before the map shape is known
     graph = None
-    with atomic_write(maps_path) as fh, inference_on(backbone, dev, prec):
+    with atomic_write(maps_path) as raw, inference_on(backbone, dev, prec):
+        fh = HashingWriter(raw)
         for batch in iter_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=dev,
                                   progress=progress, desc="feature maps", pixel_cache_dir=pixel_cache_dir):
             out = None
@@ -187,8 +191,7 @@ def cached_feature_maps(backbone: torch.nn.Module, dataset, *, cache_dir, batch_
             fh.write(block.tobytes())
         if shape is None:
             raise InputError(f"dataset: none of its {n} items could be loaded")
-    with atomic_write(meta_path) as fh:
-        np.savez(fh, labels=labels, ok=ok, version=np.int64(_CACHE_VERSION))
+    write_cache_meta(meta_path, labels=labels, ok=ok, version=_CACHE_VERSION, sha256=fh.hexdigest())
     seconds = time.perf_counter() - start
     if not ok.all():
         logger.warning("feature maps: %d of %d items could not be loaded and were skipped", int((~ok).sum()), n)

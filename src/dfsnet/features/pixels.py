@@ -6,7 +6,8 @@ cost about a quarter of EfficientNet-Lite0's forward at 128 px on a 2-core CPU a
 cores, so every pass after the first reads the images from this cache instead: each image as
 the evaluation preprocessing leaves it before normalisation (:meth:`EvalPreprocess.pixels`),
 ``3 * H * W`` bytes (49 KB at 128 px, 2.9 GB for CIFAR-10's 60,000 images), read back
-memory-mapped with ``allow_pickle=False``. Normalising a batch is element-wise, so the images
+memory-mapped with ``allow_pickle=False`` once its SHA-256 matches the one recorded beside it
+(a damaged entry is decoded again). Normalising a batch is element-wise, so the images
 coming out of the cache equal those decoded from the files bit for bit.
 
 Only a dataset whose transform is the deterministic evaluation preprocessing (what
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dfsnet._io import atomic_write
-from dfsnet.features._loader import Batch, read_cache_entry
+from dfsnet.features._loader import Batch, HashingWriter, read_cache_entry, write_cache_meta
 from dfsnet.features.fingerprint import combine_keys, dataset_fingerprint
 from dfsnet.preprocess import EvalPreprocess
 
@@ -33,7 +34,7 @@ __all__ = ["pixel_preprocess", "pixel_cache_paths", "cached_pixel_batches"]
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def pixel_preprocess(dataset) -> EvalPreprocess | None:
@@ -152,7 +153,8 @@ def _filling(dataset, preprocess: EvalPreprocess, paths: tuple[Path, Path], load
     labels = np.full(n, -1, dtype=np.int64)
     ok = np.zeros(n, dtype=bool)
     start = time.perf_counter()
-    with atomic_write(pixels_path) as fh:
+    with atomic_write(pixels_path) as raw:
+        fh = HashingWriter(raw)
         np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                   "fortran_order": False, "shape": (n, *shape)})
         for batch in loader(_PixelView(dataset, preprocess)):
@@ -165,8 +167,7 @@ def _filling(dataset, preprocess: EvalPreprocess, paths: tuple[Path, Path], load
                 batch = batch._replace(images=torch.from_numpy(preprocess.normalize(u8)))
             fh.write(block.tobytes())
             yield batch
-    with atomic_write(meta_path) as fh:
-        np.savez(fh, labels=labels, ok=ok, version=np.int64(_CACHE_VERSION))
+    write_cache_meta(meta_path, labels=labels, ok=ok, version=_CACHE_VERSION, sha256=fh.hexdigest())
     logger.info("pixel cache: %d images %s stored in %.1f s at %s", n, shape, time.perf_counter() - start,
                 pixels_path)
 
