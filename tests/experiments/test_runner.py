@@ -79,7 +79,8 @@ def test_rerun_resumes_without_retraining(tiny_run):
     mtimes = {net: p.stat().st_mtime_ns for net, p in checkpoints.items()}
     second = run_experiment(cfg)
     (setting,) = second["settings"]
-    assert {"split", "train-ori", "train-dfs", "evaluate"} <= set(setting["cached_stages"])
+    assert {"split", "train-ori", "train-dfs", "evaluate", "select"} <= set(setting["cached_stages"])
+    assert setting["encoder_selection"] == first["settings"][0]["encoder_selection"]
     assert all(setting["networks"][n]["cached"] for n in ("ori", "dfs"))
     assert {n: p.stat().st_mtime_ns for n, p in checkpoints.items()} == mtimes
     log = (cfg.run_dir / "experiment.log").read_text()

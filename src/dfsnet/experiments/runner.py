@@ -575,23 +575,41 @@ def _learned_rows(cfg: ExperimentConfig, scheme: Scheme, heads: dict, query: tup
 SELECTION_SCHEMES = {"learned": "3-csq", "itq": "3h-itq", "paper": "gain ratio + sample-mean hash"}
 
 
-def _encoder_selection(cfg: ExperimentConfig, part_feats: dict, heads: dict) -> dict[str, Any] | None:
+def _encoder_selection(cfg: ExperimentConfig, part_feats: dict, heads: dict, setting: dict,
+                       stages: StageLog) -> dict[str, Any] | None:
     """``dfsnet train``'s default-encoder choice on DFS-Net with hash heads at ``pr_bits``, and the queries.
 
     As ``dfsnet train`` does: the candidates (the trained hash head, ITQ and the paper's hash on
-    the same features) are compared by the validation images' mAP against the fit images
+    the same features) are compared by how well the validation images retrieve each other
     (:func:`dfsnet.train.workflow.select_encoder`; ITQ and the paper's hash fitted on the fit
     part); each is then scored on the queries (ITQ and the paper's hash refitted on fit + val).
     ``gap_to_best`` is how far the chosen one's query mAP@k is below the best candidate's.
+    Cached in the setting's ``selection.json``, keyed as the evaluation is.
     """
+    from dfsnet._io import atomic_write_text
+
+    b = cfg.pr_bits
+    if b not in heads:
+        return None
+    key = stage_key(features=setting["_features_key"], bits=b, k=cfg.k, ties=cfg.ties[0], seed=cfg.seed)
+    path = Path(setting["_dir"]) / "selection.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            stages.hit("select", str(path))
+            return cached["selection"]
+    with stages.timed("select"):
+        selection = finite(_select_and_score(cfg, part_feats, heads, b))
+    atomic_write_text(path, json.dumps({"key": key, "selection": selection}, allow_nan=False) + "\n")
+    return selection
+
+
+def _select_and_score(cfg: ExperimentConfig, part_feats: dict, heads: dict, b: int) -> dict[str, Any]:
     from sklearn.base import clone
 
     from dfsnet.eval.metrics import hamming_map
     from dfsnet.train.workflow import encoder_candidates, select_encoder
 
-    b = cfg.pr_bits
-    if b not in heads:
-        return None
     fit, val = part_feats["fit"], part_feats["val"]
     candidates = encoder_candidates(fit[0].shape[1], b, n_train=fit[0].shape[0], learned=heads[b].hasher_)
     choice, scores = select_encoder(candidates, fit, val)
@@ -718,7 +736,7 @@ def _run_setting(cfg: ExperimentConfig, backbone: str, meta, dataset: str, mode:
                                          image_size=image_size, mode=mode)
     setting["rows"], setting["pr_curves"] = _evaluate(cfg, feats, heads, setting, stages, progress)
     if "dfs_h" in feats:
-        setting["encoder_selection"] = _encoder_selection(cfg, feats["dfs_h"], heads["dfs_h"])
+        setting["encoder_selection"] = _encoder_selection(cfg, feats["dfs_h"], heads["dfs_h"], setting, stages)
     setting["wall_seconds"] = stages.seconds
     setting["cached_stages"] = stages.cached
     return setting
