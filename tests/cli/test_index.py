@@ -315,3 +315,18 @@ def test_lightning_logs_once_without_adverts(capsys):
             log.setLevel(level)
             log.propagate = propagate
             log.handlers[:] = handlers
+
+
+def test_export_onnx_adds_the_graph_once(index_copy, tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    assert not (index_copy / "model.onnx").exists()  # built under DFSNET_RUNTIME=torch
+    code, out, err = run(capsys, "index", "export-onnx", index_copy)
+    assert code == 0, err
+    assert out.startswith("added model.onnx") and "ONNX Runtime" in out and (index_copy / "model.onnx").is_file()
+    code, out, _ = run(capsys, "index", "verify", index_copy)
+    assert code == 0
+    code, out, _ = run(capsys, "index", "export-onnx", index_copy)
+    assert code == 0 and "already has a sound ONNX graph" in out
+    code, out, err = run(capsys, "index", "export-onnx", tmp_path / "nowhere")
+    assert code != 0 and "no such folder" in err and "Traceback" not in err

@@ -136,3 +136,17 @@ def test_build_force_replaces_an_index_and_numbers_its_generations_above(world, 
     names = sorted(p.name for p in world["dir"].iterdir())
     assert not any("000001" in n or "000002" in n for n in names), names
     assert json.loads((world["dir"] / "manifest.json").read_text())["next_id"] == 3
+
+
+@pytest.mark.parametrize("command", [["prune"], ["remove", "--path", "x.jpg"], ["repair"], ["export-onnx"]])
+def test_maintenance_of_a_folder_that_is_no_index_says_so_and_leaves_it_untouched(tmp_path, capsys, command):
+    plain = tmp_path / "photos"
+    plain.mkdir()
+    (plain / "a.jpg").write_bytes(b"not touched")
+    code = main(["index", command[0], str(plain), *command[1:]])
+    err = capsys.readouterr().err
+    assert code != 0 and ("not a dfsnet index" in err or "no manifest" in err) and "Traceback" not in err
+    assert sorted(p.name for p in plain.iterdir()) == ["a.jpg"]  # no .lock left behind
+    code = main(["index", command[0], str(tmp_path / "nowhere"), *command[1:]])
+    err = capsys.readouterr().err
+    assert code != 0 and "no such folder" in err and ".lock" not in err

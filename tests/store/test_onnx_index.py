@@ -196,3 +196,59 @@ def test_onnx_build_refuses_bf16_before_writing(world, tmp_path):
     with pytest.raises(InputError, match="bf16"):
         _build(world["images"], tmp_path / "idx", world["weights"], runtime="onnx", precision="bf16")
     assert not (tmp_path / "idx").exists()
+
+
+def test_export_onnx_gives_a_torch_built_index_the_graph_a_build_would_write(world, tmp_path, monkeypatch):
+    from dfsnet.store import add_onnx_graph
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(world["torch"], index_dir)
+    before = read_manifest(index_dir)
+    report = add_onnx_graph(index_dir)
+    assert report.status == "added" and report.generation == before["generation"] + 1
+    after = read_manifest(index_dir)
+    graph_sha = hashlib.sha256((index_dir / "model.onnx").read_bytes()).hexdigest()
+    assert after["onnx"]["sha256"] == report.sha256 == graph_sha
+    assert {k: v for k, v in after["onnx"].items() if k != "sha256"} == \
+        {k: v for k, v in read_manifest(world["onnx"])["onnx"].items() if k != "sha256"}
+    assert after["runtime"] == "torch" and after["count"] == before["count"]  # what computed the codes
+    assert verify_index(index_dir, files="all").errors == []
+    monkeypatch.setenv("DFSNET_RUNTIME", "auto")
+    onnx = ImageIndex.load(index_dir)
+    torch_ = ImageIndex.load(index_dir, runtime="torch", precision="fp32", device="cpu")
+    assert onnx.runtime == "onnx"
+    for path in _paths(world["images"]):
+        assert [(h.id, h.distance) for h in onnx.search(path, k=5)] == \
+            [(h.id, h.distance) for h in torch_.search(path, k=5)]
+    # Again: nothing to do. A damaged graph is written again.
+    assert add_onnx_graph(index_dir).status == "present"
+    assert read_manifest(index_dir)["generation"] == report.generation
+    graph = index_dir / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:100])
+    again = add_onnx_graph(index_dir)
+    assert again.status == "replaced" and again.generation == report.generation + 1
+    assert verify_index(index_dir, files="all").errors == []
+
+
+def test_export_onnx_refuses_a_damaged_index_and_writes_nothing(world, tmp_path):
+    from dfsnet.store import add_onnx_graph
+
+    index_dir = tmp_path / "index"
+    shutil.copytree(world["torch"], index_dir)
+    metadata = index_dir / read_manifest(index_dir)["files"]["metadata"]
+    data = bytearray(metadata.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    metadata.write_bytes(bytes(data))
+    files = sorted(p.name for p in index_dir.iterdir())
+    with pytest.raises(IndexDamagedError, match="metadata"):
+        add_onnx_graph(index_dir)
+    assert sorted(p.name for p in index_dir.iterdir()) == files
+
+
+def test_export_onnx_without_the_exporter_says_what_to_install(world, tmp_path, monkeypatch):
+    import dfsnet.runtime
+    from dfsnet.store import add_onnx_graph
+
+    monkeypatch.setattr(dfsnet.runtime, "onnx_available", lambda export=False: False)
+    with pytest.raises(InputError, match="pip install onnxscript onnxruntime"):
+        add_onnx_graph(world["torch"])

@@ -1,5 +1,5 @@
-"""`dfsnet index build|add|info|verify|search|remove|prune|repair` (and `dfsnet search`, its short form): a
-persistent index of an image collection."""
+"""`dfsnet index build|add|info|verify|search|remove|prune|repair|export-onnx` (and `dfsnet search`, its
+short form): a persistent index of an image collection."""
 from __future__ import annotations
 
 import argparse
@@ -106,6 +106,14 @@ def register(subparsers) -> None:
                                         "commit the newest complete one (exit 1 when none is).")
     _add_index_dir(repair)
     repair.set_defaults(func=_repair)
+
+    onnx = sub.add_parser("export-onnx", help="give an index an ONNX graph (model.onnx), so queries run "
+                                              "without torch",
+                          description="Export the index's model as model.onnx and commit a generation that "
+                                      "names it (codes and metadata unchanged): for indexes built with "
+                                      "--runtime torch or by an older dfsnet. A damaged graph is written again.")
+    _add_index_dir(onnx)
+    onnx.set_defaults(func=_export_onnx)
 
     # `dfsnet index search` and its short form `dfsnet search` are one command.
     for parent in (sub, subparsers):
@@ -414,6 +422,21 @@ def _prune(args) -> int:
           f"the index holds {report.count} images (generation {report.generation})")
     _print_records("gone", report.gone)
     _print_records("changed", report.changed)
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from dfsnet.store import add_onnx_graph
+
+    report = add_onnx_graph(args.index_dir)
+    if report.status == "present":
+        print(f"ok: the index already has a sound ONNX graph (generation {report.generation}); nothing written")
+        return 0
+    print(f"{report.status} model.onnx (sha256 {report.sha256[:16]}...); the index is at generation "
+          f"{report.generation}, and queries run in ONNX Runtime (fp32) under --runtime auto")
+    if report.codes_precision != "fp32":
+        print(f"  note: its codes were computed in {report.codes_precision}; fp32 queries against them differ "
+              "by about one bit in 64 (see BENCHMARKS.md, bench_precision_codes)")
     return 0
 
 

@@ -14,9 +14,11 @@
 from dfsnet.store.builder import AddReport
 from dfsnet.store.image_index import ImageIndex, SearchHit
 from dfsnet.store.maintenance import (
+    OnnxReport,
     PruneReport,
     RemoveReport,
     RepairReport,
+    add_onnx_graph,
     prune_index,
     remove_images,
     repair_index,
@@ -27,4 +29,4 @@ from dfsnet.store.verify import VerifyReport, verify_index
 
 __all__ = ["ImageIndex", "SearchHit", "AddReport", "VerifyReport", "ImageRecord", "read_manifest",
            "verify_index", "FORMAT_VERSION", "IndexDamagedError", "RemoveReport", "PruneReport", "RepairReport",
-           "remove_images", "prune_index", "repair_index"]
+           "OnnxReport", "remove_images", "prune_index", "repair_index", "add_onnx_graph"]

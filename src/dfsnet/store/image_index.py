@@ -900,7 +900,8 @@ def _query_runtime(runtime: str, manifest: dict, device, precision: str) -> str:
     if not manifest.get("onnx"):
         if runtime == "onnx":
             raise InputError("runtime: the index has no ONNX graph (it was built with runtime torch, without "
-                             "onnxscript installed, or by an older dfsnet); use runtime torch (--runtime torch)")
+                             "onnxscript installed, or by an older dfsnet); add one with `dfsnet index export-onnx`, "
+                             "or use runtime torch (--runtime torch)")
         return "torch"
     return resolve_runtime(runtime, device_type=device_type, precision=precision)
 

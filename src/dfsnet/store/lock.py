@@ -21,6 +21,9 @@ def write_lock(index_dir: Path) -> Iterator[None]:
     """Hold the folder's exclusive write lock (``fcntl.flock`` on ``.lock``, POSIX); waits for it."""
     import fcntl
 
+    if not index_dir.is_dir():
+        raise FileNotFoundError(f"index_dir: no such folder: {index_dir}")
+
     with open(index_dir / LOCK_FILE, "a+b") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

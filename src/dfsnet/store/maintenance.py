@@ -1,4 +1,5 @@
-"""Index maintenance: removing images, pruning entries whose file is gone, repairing a folder.
+"""Index maintenance: removing images, pruning entries whose file is gone, repairing a folder,
+giving an index an ONNX graph.
 
 Each writes at most one new generation under the write lock, like an add, so a killed
 process leaves the previous generation intact. Ids are never renumbered: the kept images
@@ -31,8 +32,8 @@ from dfsnet.store.manifest import (
 )
 from dfsnet.store.metadata import ImageRecord, MetadataReader
 
-__all__ = ["RemoveReport", "PruneReport", "RepairReport", "remove_images", "prune_index", "repair_index",
-           "find_remains"]
+__all__ = ["RemoveReport", "PruneReport", "RepairReport", "OnnxReport", "remove_images", "prune_index",
+           "repair_index", "add_onnx_graph", "find_remains"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def remove_images(index_dir, ids: Iterable[int] = (), *, paths: Iterable = ()) -
     wanted_paths = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths]
     if not ids and not wanted_paths:
         raise InputError("ids: expected at least one id or path to remove, got none")
+    read_manifest(index_dir)  # before the lock: a folder that is no index gets no .lock file
     with write_lock(index_dir):
         manifest, metadata = _open_current(index_dir)
         try:
@@ -217,6 +219,7 @@ def prune_index(index_dir, *, dry_run: bool = False) -> PruneReport:
     PruneReport
     """
     index_dir = Path(index_dir).expanduser().resolve()
+    read_manifest(index_dir)  # before the lock: a folder that is no index gets no .lock file
     with write_lock(index_dir):
         manifest, metadata = _open_current(index_dir)
         try:
@@ -230,6 +233,79 @@ def prune_index(index_dir, *, dry_run: bool = False) -> PruneReport:
     logger.info("%s %d stale images of %s (%d gone, %d changed)", "found" if dry_run else "removed",
                 len(gone) + len(changed), index_dir, len(gone), len(changed))
     return PruneReport(gone, changed, bool(dry_run), int(manifest["generation"]), int(manifest["count"]))
+
+
+@dataclasses.dataclass
+class OnnxReport:
+    """What :func:`add_onnx_graph` did.
+
+    Attributes
+    ----------
+    status : {"added", "replaced", "present"}
+        A graph was written for an index without one, written over a damaged or missing one, or
+        the index already had a sound graph (nothing written).
+    generation : int
+        The index after the call.
+    sha256 : str
+        The graph's SHA-256, as the manifest records it.
+    codes_precision : str
+        What computed the index's codes ("fp32" or "bf16"): queries in ONNX Runtime run in fp32.
+    """
+
+    status: str
+    generation: int
+    sha256: str
+    codes_precision: str
+
+
+def add_onnx_graph(index_dir) -> OnnxReport:
+    """Export the model of the index at ``index_dir`` as ``model.onnx``, as a new generation.
+
+    An index built with ``runtime="torch"``, without the exporter installed, or by a dfsnet
+    older than its ONNX graphs has none, so its queries import and run torch. This writes the
+    graph :meth:`ImageIndex.build` would have written and commits a generation whose manifest
+    names it (the codes and metadata are unchanged); from then on ``runtime="auto"`` runs queries
+    in ONNX Runtime on the CPU. A damaged or missing graph the manifest names is written again.
+
+    Parameters
+    ----------
+    index_dir : path-like
+
+    Returns
+    -------
+    OnnxReport
+
+    Raises
+    ------
+    InputError
+        ``onnxscript`` or ``onnxruntime`` is not installed, or the model cannot be exported.
+    IndexDamagedError
+        Another file of the index is damaged (``dfsnet index repair`` first).
+    """
+    from dfsnet._io import sha256_file
+    from dfsnet.runtime import onnx_available
+    from dfsnet.store.builder import Builder, export_onnx_graph
+
+    index_dir = Path(index_dir).expanduser().resolve()
+    if not onnx_available(export=True):
+        raise InputError("runtime: exporting an ONNX graph needs onnxscript and onnxruntime; "
+                         "install them with `pip install onnxscript onnxruntime`")
+    read_manifest(index_dir)  # before the lock: a folder that is no index gets no .lock file
+    with write_lock(index_dir):
+        manifest = read_manifest(index_dir)
+        onnx = manifest.get("onnx")
+        precision = str(manifest.get("precision", "fp32"))
+        graph = index_dir / ONNX_FILE
+        if onnx and is_regular_file(graph) and sha256_file(graph) == onnx["sha256"]:
+            check_on_load(index_dir, manifest)
+            return OnnxReport("present", int(manifest["generation"]), onnx["sha256"], precision)
+        check_on_load(index_dir, {**manifest, "onnx": None})  # every other file sound
+        builder = Builder.from_checkpoint(index_dir, int(manifest["image_size"]), "cpu")
+        entry, _ = export_onnx_graph(builder.model, index_dir, int(manifest["image_size"]), runtime="onnx",
+                                     device_type="cpu", precision="fp32")
+        new = write_generation(index_dir, {**manifest, "onnx": entry})
+    logger.info("%s: wrote %s (generation %d)", index_dir, ONNX_FILE, new["generation"])
+    return OnnxReport("replaced" if onnx else "added", int(new["generation"]), entry["sha256"], precision)
 
 
 def repair_index(index_dir) -> RepairReport:
@@ -260,6 +336,10 @@ def repair_index(index_dir) -> RepairReport:
     index_dir = Path(index_dir).expanduser().resolve()
     if not index_dir.is_dir():
         raise FileNotFoundError(f"index_dir: no such folder: {index_dir}")
+    if not find_remains(index_dir):  # checked before the lock: a folder that is no index gets no .lock file
+        return RepairReport("failed", None, None, [], [
+            f"{index_dir} holds no manifest and no manifest copy (indexes written before dfsnet kept copies "
+            "cannot be recovered without one)"], [])
     with write_lock(index_dir):
         candidates: list[tuple[int, str, dict | None, str | None]] = []
         for name, generation in find_remains(index_dir):
@@ -275,7 +355,7 @@ def repair_index(index_dir) -> RepairReport:
         if not candidates:
             return RepairReport("failed", None, None, [], [
                 f"{index_dir} holds no manifest and no manifest copy (indexes written before dfsnet kept copies "
-                "cannot be recovered without one); rebuild it with `dfsnet index build --force`"], [])
+                "cannot be recovered without one)"], [])
         problems: list[str] = []
         broken: list[tuple[int, dict | None, list[str]]] = []
         for generation, name, manifest, error in candidates:
