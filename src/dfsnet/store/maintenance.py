@@ -337,9 +337,7 @@ def repair_index(index_dir) -> RepairReport:
     if not index_dir.is_dir():
         raise FileNotFoundError(f"index_dir: no such folder: {index_dir}")
     if not find_remains(index_dir):  # checked before the lock: a folder that is no index gets no .lock file
-        return RepairReport("failed", None, None, [], [
-            f"{index_dir} holds no manifest and no manifest copy (indexes written before dfsnet kept copies "
-            "cannot be recovered without one)"], [])
+        return RepairReport("failed", None, None, [], [_no_manifest(index_dir)], [])
     with write_lock(index_dir):
         candidates: list[tuple[int, str, dict | None, str | None]] = []
         for name, generation in find_remains(index_dir):
@@ -353,9 +351,7 @@ def repair_index(index_dir) -> RepairReport:
         # Newest first; the committed manifest before its own copy.
         candidates.sort(key=lambda c: (-c[0], c[1] != MANIFEST))
         if not candidates:
-            return RepairReport("failed", None, None, [], [
-                f"{index_dir} holds no manifest and no manifest copy (indexes written before dfsnet kept copies "
-                "cannot be recovered without one)"], [])
+            return RepairReport("failed", None, None, [], [_no_manifest(index_dir)], [])
         problems: list[str] = []
         broken: list[tuple[int, dict | None, list[str]]] = []
         for generation, name, manifest, error in candidates:
@@ -369,6 +365,11 @@ def repair_index(index_dir) -> RepairReport:
                 return RepairReport("ok", generation, int(manifest["count"]), [], [], [])
             return _recover(index_dir, manifest, name, broken)
         return RepairReport("failed", None, None, [], problems, [])
+
+
+def _no_manifest(index_dir: Path) -> str:
+    return (f"{index_dir} holds no manifest and no manifest copy (indexes written before dfsnet kept copies "
+            "cannot be recovered without one)")
 
 
 def _recover(index_dir: Path, manifest: dict, source: str, broken: list) -> RepairReport:
