@@ -354,3 +354,23 @@ def test_head_training_and_its_encoder_read_the_same_maps(auto_env, monkeypatch,
                   batch_size=8, epochs=1, val_fraction=0.3, n_bits=8, encoder="paper", device="cpu")
     assert json.loads((out / "train_config.json").read_text())["maps_runtime"] == "onnx"
     assert len(list((out / "cache").glob("maps-*.npy"))) == 2  # fit and val, nothing computed twice
+
+
+def test_train_chooses_the_maps_runtime_from_the_pool_as_experiment_does(auto_env, monkeypatch, tmp_path):
+    # 12 training images of a pool of 24: below the threshold, the pool above it. `dfsnet experiment`
+    # maps every part (database included) in one runtime chosen from the pool; `dfsnet train` on the
+    # same split must train on those same maps, or one seed gives two networks.
+    import json
+
+    from dfsnet.features import _loader
+    from dfsnet.train.workflow import train_and_fit
+    from tests.conftest import make_image_folder
+
+    monkeypatch.setattr(_loader, "ONNX_MIN_ITEMS", 20)
+    images = make_image_folder(tmp_path / "images", n_classes=3, per_class=8, size=32)
+    out = tmp_path / "run"
+    train_and_fit(out_dir=out, data=images, backbone="test_efficientnet", pretrained=False, image_size=32,
+                  batch_size=8, epochs=1, val_fraction=0.3, n_bits=8, encoder="paper", device="cpu")
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) < 20 <= sum(len(split[p]) for p in ("query", "database"))
+    assert json.loads((out / "train_config.json").read_text())["maps_runtime"] == "onnx"

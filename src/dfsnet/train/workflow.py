@@ -638,8 +638,9 @@ def train_and_fit(
     logger.info("training %s (%s, %s mode, %d px) on %d images, validating on %d; split %s %s",
                 "DFS-Net" if dfs else "Ori", backbone_meta.name, mode, size, len(fit_set), len(val_set),
                 the_split.protocol, the_split.sizes())
-    # One runtime for the maps of every part, so the encoder is fitted on maps made as the training's.
-    runtime = maps_runtime(the_split.train.size, device=torch_device(device), precision=precision) \
+    # One runtime for the maps of every part, so the encoder is fitted on maps made as the training's;
+    # chosen from the whole pool, as `dfsnet experiment` chooses it, so both train on the same maps.
+    runtime = maps_runtime(len(pool), device=torch_device(device), precision=precision) \
         if mode == "head" else "auto"
     common = dict(mode=mode, seed=seed, progress=progress, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
                   backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs, batch_size=batch_size,
