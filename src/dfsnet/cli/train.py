@@ -90,8 +90,8 @@ def _register_train(subparsers) -> None:
     g.add_argument("--warmup-epochs", type=float, default=0.0, metavar="E",
                    help="linear warm-up before the cosine decay (default: %(default)s)")
     g.add_argument("--patience", type=int, default=5,
-                   help="early stopping after this many epochs without a better monitored value, never in "
-                        "the first half of the epochs; 0 disables (default: %(default)s)")
+                   help="early stopping after this many epochs without a better monitored value; 0 disables "
+                        "(default: %(default)s)")
     g.add_argument("--augment", choices=("none", "flip", "flip_image"),
                    help="head mode: flip mirrors half of each batch of cached maps; flip_image also caches the "
                         "mirrored images' maps and draws from both (default: flip in head mode, none in full "

@@ -90,8 +90,8 @@ class ExperimentConfig:
     optimizer: str = _doc("optimizer (adamw, sgd)", default="adamw")
     weight_decay: float = _doc("weight decay of training (not on biases and norm weights)", default=1e-4)
     batch_size: int = _doc("training and extraction batch size", default=64)
-    patience: int = _doc("early-stopping patience on the monitored validation value (epochs; never in the "
-                         "first half of the epochs); 0 disables early stopping, as in `dfsnet train`", default=3)
+    patience: int = _doc("early-stopping patience on the monitored validation value (epochs); 0 disables "
+                         "early stopping, as in `dfsnet train`", default=3)
     augment: str = _doc("head-only augmentation of DFS-Net's training maps: none, flip (mirror half of each "
                         "batch of cached maps), flip_image (also cache the mirrored images' maps)",
                         default="flip")

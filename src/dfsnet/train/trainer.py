@@ -176,8 +176,8 @@ def train_model(
         Continue from ``out_dir/checkpoints/last.ckpt`` if present (settings in
         ``_RESUME_KEYS`` must match); ``False`` starts over and replaces the old checkpoints.
     patience : int or None
-        Early stopping: stop after this many epochs without a better monitored value, but never
-        in the first half of the epochs (:func:`min_epochs`); ``None`` disables it.
+        Early stopping: stop after this many epochs without a better val accuracy; ``None``
+        disables it.
     accelerator, devices, num_nodes, strategy
         Passed to ``lightning.Trainer``: e.g. ``devices=4`` or ``strategy="ddp"`` trains on
         several GPUs and ``num_nodes`` on several machines (launch with ``torchrun`` or SLURM),
@@ -333,8 +333,7 @@ def train_model(
                                            check_on_train_epoch_end=True))
         L.seed_everything(seed, workers=True, verbose=False)
         trainer = L.Trainer(
-            max_epochs=epochs, min_epochs=min_epochs(epochs) if patience is not None else None,
-            accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+            max_epochs=epochs, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
             strategy=strategy, precision=prec.lightning(), callbacks=callbacks,
             logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir,
             enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
@@ -445,15 +444,6 @@ def _check_label_range(dataset, num_classes: int, name: str) -> None:
     if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
         raise InputError(f"{name}: expected class labels in [0, {num_classes}) for a model with "
                          f"num_classes={num_classes}, found labels in [{targets.min()}, {targets.max()}]")
-
-
-def min_epochs(epochs: int) -> int:
-    """Epochs early stopping always lets run: the first half, where the cosine schedule keeps the
-    learning rate above half its peak. A patience counted in epochs is otherwise a handful of
-    steps on a small training set (15 images per class, batch 128: two steps an epoch), and
-    stopped a head-only DFS-Net after 12 steps at 12 % validation accuracy (60 % after 20
-    epochs)."""
-    return math.ceil(epochs / 2)
 
 
 def _peek(last_ckpt: Path) -> dict:
