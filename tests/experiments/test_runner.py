@@ -54,6 +54,7 @@ def test_every_scheme_reported_with_both_tie_modes(tiny_run):
     assert on_disk["config"] == cfg.to_dict() and on_disk["seed"] == 0
     assert on_disk["environment"]["packages"]["torch"] and on_disk["environment"]["machine"]["cpu_count"]
     assert {"onnxruntime", "pillow"} <= set(on_disk["environment"]["packages"])
+    assert {"cpu_model", "cpu_flags"} <= set(on_disk["environment"]["machine"])
     assert on_disk["wall_seconds"]["total"] > 0
     curves = setting["pr_curves"].values()
     assert curves and all(len(c["precision"]) == len(c["recall"]) for c in curves)

@@ -82,12 +82,30 @@ def environment() -> dict[str, Any]:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            **_cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "memory_bytes": memory,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
     }
+
+
+# The CPU features that decide which kernels run: bf16 heads and ONNX Runtime round differently
+# with and without them, so figures are comparable only between runs on the same kind of CPU.
+_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+
+
+def _cpu_model() -> dict[str, Any]:
+    """``cpu_model`` and the ``cpu_flags`` of :data:`_CPU_FLAGS` it has, from /proc/cpuinfo (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return {"cpu_model": None, "cpu_flags": None}
+    fields = dict(line.split(":", 1) for line in text.splitlines()[:64] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"), "cpu_flags": [f for f in _CPU_FLAGS if f in flags]}
 
 
 def run_experiment(config: ExperimentConfig | Mapping[str, Any], *, progress: bool = False) -> dict[str, Any]:
