@@ -611,7 +611,8 @@ def _encoder_selection(cfg: ExperimentConfig, part_feats: dict, heads: dict, set
     b = cfg.pr_bits
     if b not in heads:
         return None
-    key = stage_key(features=setting["_features_key"], bits=b, k=cfg.k, ties=cfg.ties[0], seed=cfg.seed)
+    key = stage_key(features=setting["_features_key"], bits=b, k=cfg.k, ties=cfg.ties[0], seed=cfg.seed,
+                    rule="loo-stable")
     path = Path(setting["_dir"]) / "selection.json"
     if path.is_file():
         cached = json.loads(path.read_text())

@@ -47,8 +47,9 @@ class DFSNetTask(L.LightningModule):
     the validation images as queries against the training images: Hamming on the hash codes
     when the model has a hash layer (the mean over its heads), else Euclidean on the pooled
     features. ``monitor="val_map_loo"`` (either mode) scores the validation images against each other instead
-    (each image's own match left out), as ``dfsnet train`` scores its encoder candidates
-    (:func:`dfsnet.train.workflow.select_encoder`: mAP at the top 2 %, expected ties): the
+    (each image's own match left out) by mAP at the top 2 %, as ``dfsnet train`` scores its
+    encoder candidates (:func:`dfsnet.train.workflow.select_encoder`), but with ties at their
+    expected order (the encoder choice takes the stored order; the monitor was measured so): the
     network has fitted its training images (their codes sit on the class centres), so only there
     are both sides unseen, as queries and database are in use. ``mixup=alpha > 0``
     trains on convex mixtures of pairs of inputs (weight drawn from Beta(alpha, alpha)) against
