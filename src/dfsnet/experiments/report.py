@@ -198,7 +198,8 @@ def render_report(results: dict, figures: dict[str, list[str]] | None = None) ->
     if selections:
         parts += ["## The default encoder, chosen on the validation split", "",
                   "What `dfsnet train` keeps by default on DFS-Net: the candidate whose codes of the validation "
-                  "images retrieve the fit images best; the queries are never looked at. Query figures are those "
+                  "images retrieve each other best (each left out of its own ranking, ties in stored order, "
+                  "as an index returns them); the queries are never looked at. Query figures are those "
                   "of the matching scheme (fitted on fit + val).", ""]
         for s in selections:
             parts += [f"### {s['key']}", "", _selection_section(s["encoder_selection"]), ""]
