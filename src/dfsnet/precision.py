@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["PRECISIONS", "DEFAULT_PRECISION", "Precision", "resolve_precision", "resolve_training_precision",
-           "cpu_has_native_bf16"]
+           "cpu_has_native_bf16", "cpu_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +37,31 @@ _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_info() -> tuple[str | None, frozenset[str] | None]:
+    """This CPU's model name and feature flags, from /proc/cpuinfo; ``(None, None)`` where there is
+    none (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None, None
+    model, flags = None, frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags":
+            flags = frozenset(value.split())
+            break
+    return model, flags
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has AMX or AVX512-BF16 and torch's oneDNN can use them."""
-    try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags.update(line.partition(":")[2].split())
-                break
-    except OSError:  # not Linux: trust oneDNN's own check alone
-        flags = set(_BF16_CPU_FLAGS)
+    flags = cpu_info()[1]
+    if flags is None:  # not Linux: trust oneDNN's own check alone
+        flags = frozenset(_BF16_CPU_FLAGS)
     if not flags.intersection(_BF16_CPU_FLAGS):
         return False
     import torch

@@ -97,15 +97,11 @@ _CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "
 
 
 def _cpu_model() -> dict[str, Any]:
-    """``cpu_model`` and the ``cpu_flags`` of :data:`_CPU_FLAGS` it has, from /proc/cpuinfo (Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return {"cpu_model": None, "cpu_flags": None}
-    fields = dict(line.split(":", 1) for line in text.splitlines()[:64] if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    return {"cpu_model": fields.get("model name"), "cpu_flags": [f for f in _CPU_FLAGS if f in flags]}
+    """``cpu_model`` and the ``cpu_flags`` of :data:`_CPU_FLAGS` it has (None where unknown)."""
+    from dfsnet.precision import cpu_info
+
+    model, flags = cpu_info()
+    return {"cpu_model": model, "cpu_flags": None if flags is None else [f for f in _CPU_FLAGS if f in flags]}
 
 
 def run_experiment(config: ExperimentConfig | Mapping[str, Any], *, progress: bool = False) -> dict[str, Any]:
