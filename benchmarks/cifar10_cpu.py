@@ -68,6 +68,15 @@ def _quick_root(root: Path, dest: Path, *, train_per_class: int, test_per_class:
     return dest
 
 
+def _target_ties(setting: dict) -> str:
+    """The tie mode the targets are read in: ``expected`` when evaluated (as the report's tables).
+
+    The parts are stored grouped by class, so ties in stored order are not neutral: they rank
+    a low class's images first in every tie (benchmarks/bench_class_codes.py).
+    """
+    return "expected" if any(r["ties"] == "expected" for r in setting["rows"]) else "stable"
+
+
 def _row(setting: dict, scheme: str, bits: int | None, ties: str = "stable") -> dict | None:
     for r in setting["rows"]:
         if r["scheme"] == scheme and r["bits"] == bits and r["ties"] == ties:
@@ -120,8 +129,10 @@ def _summarise(results: dict, args, wall: float) -> dict:
                 key = "float" if r["bits"] is None else str(r["bits"])
                 expected.setdefault(r["scheme"], {})[key] = {"map_at_1000": r["map_at_k"], "map_all": r["map_all"]}
         entry["map_ties_expected"] = expected
-        s1, s2 = _row(s, "1", None), _row(s, "2", None)
-        s3 = _row(s, "3", REPORT_BITS)
+        ties = _target_ties(s)
+        s1, s2 = _row(s, "1", None, ties), _row(s, "2", None, ties)
+        s3 = _row(s, "3", REPORT_BITS, ties)
+        entry["ratios_ties"] = ties
         entry["ratios"] = {
             "scheme3_64_over_scheme2_map_at_1000": s3["map_at_k"] / s2["map_at_k"],
             "scheme3_64_over_scheme1_map_at_1000": s3["map_at_k"] / s1["map_at_k"],
@@ -130,9 +141,10 @@ def _summarise(results: dict, args, wall: float) -> dict:
         }
         out["settings"][mode] = entry
     head = settings["head"]
-    s1, s2, s3 = _row(head, "1", None), _row(head, "2", None), _row(head, "3", REPORT_BITS)
+    ties = out["target_ties"] = _target_ties(head)
+    s1, s2, s3 = _row(head, "1", None, ties), _row(head, "2", None, ties), _row(head, "3", REPORT_BITS, ties)
     out["encoder_selection"] = head.get("encoder_selection")
-    out["targets"] = _issue9_targets(head) + [
+    out["targets"] = _issue9_targets(head, ties) + [
         {"name": "head: Scheme 2 beats Scheme 1 by >= 10 mAP@1000 points",
          "value": s2["map_at_k"] - s1["map_at_k"], "threshold": TARGET_S2_OVER_S1},
         {"name": "head: Scheme 3 at 64 bits within 2 points of Scheme 2 (mAP@1000)",
@@ -144,7 +156,7 @@ def _summarise(results: dict, args, wall: float) -> dict:
         t["margin"] = t["value"] - t["threshold"]
         t["passed"] = t["margin"] >= 0
     if "full" in settings:
-        f2, f3 = _row(settings["full"], "2", None), _row(settings["full"], "3", REPORT_BITS)
+        f2, f3 = _row(settings["full"], "2", None, ties), _row(settings["full"], "3", REPORT_BITS, ties)
         out["full_over_head"] = {
             "scheme2_map_at_1000_points": f2["map_at_k"] - s2["map_at_k"],
             "scheme3_64_map_at_1000_points": f3["map_at_k"] - s3["map_at_k"],
@@ -154,10 +166,10 @@ def _summarise(results: dict, args, wall: float) -> dict:
     return out
 
 
-def _issue9_targets(head: dict) -> list[dict]:
+def _issue9_targets(head: dict, ties: str) -> list[dict]:
     """Issue 9's head-only targets, as (value, threshold) pairs; a missing row skips its target."""
     out = []
-    learned = {b: _row(head, "3-csq", b) for b in (16, 64)}
+    learned = {b: _row(head, "3-csq", b, ties) for b in (16, 64)}
     if learned[64]:
         out.append({"name": "head: learned CSQ hash on DFS-Net (3-csq) at 64 bits, mAP@1000 >= 0.75",
                     "value": learned[64]["map_at_k"], "threshold": TARGET_LEARNED_64})
@@ -166,12 +178,12 @@ def _issue9_targets(head: dict) -> list[dict]:
                     "value": learned[16]["map_at_k"], "threshold": TARGET_LEARNED_16})
     for other, what in (("3h-itq", "ITQ on the same (hash-head network's) features"),
                         ("itq", "ITQ on the plain DFS-Net's features")):
-        diffs = [_row(head, "3-csq", b)["map_at_k"] - _row(head, other, b)["map_at_k"]
-                 for b in head["bits"] if b <= 128 and _row(head, "3-csq", b) and _row(head, other, b)]
+        diffs = [_row(head, "3-csq", b, ties)["map_at_k"] - _row(head, other, b, ties)["map_at_k"]
+                 for b in head["bits"] if b <= 128 and _row(head, "3-csq", b, ties) and _row(head, other, b, ties)]
         if diffs:
             out.append({"name": f"head: 3-csq above {what} at every b <= 128 (smallest margin)",
                         "value": min(diffs), "threshold": 0.0})
-    s2, s3 = _row(head, "2", None), _row(head, "3", REPORT_BITS)
+    s2, s3 = _row(head, "2", None, ties), _row(head, "3", REPORT_BITS, ties)
     out.append({"name": "head: Scheme 2 mAP@1000 >= 0.66", "value": s2["map_at_k"], "threshold": TARGET_S2_MIN})
     out.append({"name": "head: Scheme 3 at 64 bits within 1 point of Scheme 2 (mAP@1000)",
                 "value": s3["map_at_k"] - s2["map_at_k"], "threshold": -TARGET_S3_64_GAP_NEW})
@@ -186,13 +198,13 @@ def _issue9_targets(head: dict) -> list[dict]:
 def _print_summary(summary: dict) -> None:
     for mode, e in summary["settings"].items():
         print(f"\n[{mode}] accuracy Ori {100 * e['accuracy']['ori']:.2f} %, DFS-Net {100 * e['accuracy']['dfs']:.2f} %")
-        m = e["map"]
-        print(f"[{mode}] mAP@1000 / mAP@all (stable ties):")
-        print(f"  Scheme 1  float  {m['1']['float']['map_at_1000']:.4f} / {m['1']['float']['map_all']:.4f}")
-        print(f"  Scheme 2  float  {m['2']['float']['map_at_1000']:.4f} / {m['2']['float']['map_all']:.4f}")
-        for scheme in ("1h", "3", "itq", "1-csq", "3-csq", "3h-itq"):
-            for bits, v in sorted(m.get(scheme, {}).items(), key=lambda kv: int(kv[0])):
-                print(f"  Scheme {scheme:<7} {bits:>5}  {v['map_at_1000']:.4f} / {v['map_all']:.4f}")
+        m, x = e["map"], e["map_ties_expected"]
+        print(f"[{mode}] mAP@1000 / mAP@all, ties expected (in stored order: mAP@1000 / mAP@all):")
+        for scheme in ("1", "2", "1h", "3", "itq", "1-csq", "3-csq", "3h-itq"):
+            for bits, v in sorted(m.get(scheme, {}).items(), key=lambda kv: -1 if kv[0] == "float" else int(kv[0])):
+                w = x.get(scheme, {}).get(bits)
+                first = f"{w['map_at_1000']:.4f} / {w['map_all']:.4f}  " if w else ""
+                print(f"  Scheme {scheme:<7} {bits:>5}  {first}({v['map_at_1000']:.4f} / {v['map_all']:.4f})")
         r = e["ratios"]
         print(f"[{mode}] ratios vs named baselines: Scheme 3@64 / Scheme 2 = "
               f"{r['scheme3_64_over_scheme2_map_at_1000']:.3f}, Scheme 3@64 / Scheme 1 = "
@@ -204,7 +216,7 @@ def _print_summary(summary: dict) -> None:
         print(f"\nfull fine-tuning over head-only: Scheme 2 {100 * f['scheme2_map_at_1000_points']:+.2f}, "
               f"Scheme 3@64 {100 * f['scheme3_64_map_at_1000_points']:+.2f} mAP@1000 points, DFS-Net "
               f"accuracy {100 * f['dfs_accuracy_points']:+.2f} points")
-    print("\ntargets (head-only):")
+    print(f"\ntargets (head-only, ties {summary['target_ties']}):")
     for t in summary["targets"]:
         print(f"  {'PASS' if t['passed'] else 'MISS'}  {t['name']}: {t['value']:+.4f} "
               f"(threshold {t['threshold']:+.2f}, margin {t['margin']:+.4f})")

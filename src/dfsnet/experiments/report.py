@@ -199,15 +199,18 @@ def render_report(results: dict, figures: dict[str, list[str]] | None = None) ->
         parts += ["## The default encoder, chosen on the validation split", "",
                   "What `dfsnet train` keeps by default on DFS-Net: the candidate whose codes of the validation "
                   "images retrieve each other best (each left out of its own ranking, ties in stored order, "
-                  "as an index returns them); the queries are never looked at. Query figures are those "
-                  "of the matching scheme (fitted on fit + val).", ""]
+                  "as an index returns them, which favours codes that rarely tie); the queries are never "
+                  "looked at. Query figures are those of the matching scheme (fitted on fit + val).", ""]
         for s in selections:
             parts += [f"### {s['key']}", "", _selection_section(s["encoder_selection"]), ""]
     if len(cfg["ties"]) > 1:
         parts += ["## Tie modes", "",
                   "Hamming distances take few values, so many database items tie. *stable* ranks "
                   "tied items by ascending id; *expected* is the mean AP over all orders of each "
-                  "tie group. The gap shows how much a reported mAP can owe to tie order.", "",
+                  "tie group. The gap shows how much a reported mAP can owe to tie order. The parts "
+                  "are stored in pool order, grouped by class, so ascending id is not a neutral order: "
+                  "it ranks the lower classes' images first inside a tie. The tables above use "
+                  "*expected* ties whenever they were evaluated.", "",
                   _ties_section(results), ""]
     parts += ["## Retrieval time and memory", "",
               "Exhaustive search over the whole database, all queries; memory per database item.",
@@ -296,8 +299,10 @@ def _selection_section(sel: dict) -> str:
                      _pct(v["map_at_k"]), _pct(v["map_all"]), _pct(q.get("map_at_k")), _pct(q.get("map_all"))])
     gap = sel.get("gap_to_best")
     table = _table(["candidate", "scheme", f"val mAP@{k}", "val mAP@all", "query mAP@k", "query mAP@all"], rows)
+    # Selections cached before the query ties were recorded scored the queries in stored order.
+    ties = sel.get("query_ties", "stable")
     return table + (f"\n\nAt {sel['bits']} bits; the choice is {100 * gap:.2f} mAP points below the best "
-                    "candidate on the queries." if gap is not None else "")
+                    f"candidate on the queries (query ties {ties})." if gap is not None else "")
 
 
 def _ties_section(results: dict) -> str:
