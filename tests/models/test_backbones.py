@@ -25,7 +25,8 @@ def _seed():
 
 
 def test_list_backbones_names_the_paper_models_and_default():
-    assert list_backbones() == ["efficientnet_lite0", "inception_v3", "mobilenetv2", "resnet50"]
+    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "inception_v3",
+                                "mobilenetv2", "resnet50"]
     assert DEFAULT_BACKBONE == "efficientnet_lite0"
 
 

