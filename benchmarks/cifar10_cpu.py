@@ -69,15 +69,6 @@ def _quick_root(root: Path, dest: Path, *, train_per_class: int, test_per_class:
     return dest
 
 
-def _target_ties(setting: dict) -> str:
-    """The tie mode the targets are read in: ``expected`` when evaluated (as the report's tables).
-
-    The parts are stored grouped by class, so ties in stored order are not neutral: they rank
-    a low class's images first in every tie (benchmarks/bench_class_codes.py).
-    """
-    return "expected" if any(r["ties"] == "expected" for r in setting["rows"]) else "stable"
-
-
 def _row(setting: dict, scheme: str, bits: int | None, ties: str = "stable") -> dict | None:
     for r in setting["rows"]:
         if r["scheme"] == scheme and r["bits"] == bits and r["ties"] == ties:
@@ -86,7 +77,12 @@ def _row(setting: dict, scheme: str, bits: int | None, ties: str = "stable") -> 
 
 
 def _summarise(results: dict, args, wall: float) -> dict:
+    from dfsnet.experiments.results import primary_ties
+
     settings = {s["mode"]: s for s in results["settings"]}
+    # Ties at their expected order when evaluated: the parts are stored grouped by class, so ties
+    # in stored order rank a low class's images first (benchmarks/bench_class_codes.py).
+    ties = primary_ties(results)
     out = {
         "benchmark": results["name"],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -130,10 +126,8 @@ def _summarise(results: dict, args, wall: float) -> dict:
                 key = "float" if r["bits"] is None else str(r["bits"])
                 expected.setdefault(r["scheme"], {})[key] = {"map_at_1000": r["map_at_k"], "map_all": r["map_all"]}
         entry["map_ties_expected"] = expected
-        ties = _target_ties(s)
         s1, s2 = _row(s, "1", None, ties), _row(s, "2", None, ties)
         s3 = _row(s, "3", REPORT_BITS, ties)
-        entry["ratios_ties"] = ties
         entry["ratios"] = {
             "scheme3_64_over_scheme2_map_at_1000": s3["map_at_k"] / s2["map_at_k"],
             "scheme3_64_over_scheme1_map_at_1000": s3["map_at_k"] / s1["map_at_k"],
@@ -142,7 +136,7 @@ def _summarise(results: dict, args, wall: float) -> dict:
         }
         out["settings"][mode] = entry
     head = settings["head"]
-    ties = out["target_ties"] = _target_ties(head)
+    out["target_ties"] = ties
     s1, s2, s3 = _row(head, "1", None, ties), _row(head, "2", None, ties), _row(head, "3", REPORT_BITS, ties)
     out["encoder_selection"] = head.get("encoder_selection")
     out["targets"] = _issue9_targets(head, ties) + [

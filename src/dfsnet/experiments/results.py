@@ -23,6 +23,7 @@ __all__ = [
     "SETTING_KEYS",
     "finite",
     "group_settings",
+    "primary_tie_mode",
     "primary_ties",
     "read_results",
     "report_bits",
@@ -95,8 +96,9 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ queries
 
-def primary_ties(results: dict) -> str:
-    """The tie mode the tables use: ``expected`` when it was evaluated, else the first one.
+def primary_tie_mode(ties) -> str:
+    """Of the evaluated tie modes ``ties``, the one tables and targets read: ``expected`` when
+    present, else the first.
 
     The expectation over all orders of a tie, because the stored order is not neutral: the
     protocols keep each part in pool order, grouped by class, so a tie ranked by id puts the
@@ -104,8 +106,12 @@ def primary_ties(results: dict) -> str:
     (``benchmarks/bench_class_codes.py``: 8.2 mAP@1000 points of a 64-bit CSQ head on CIFAR-10,
     the same as one random shuffle of the database gives back).
     """
-    ties = results["config"]["ties"]
     return "expected" if "expected" in ties else ties[0]
+
+
+def primary_ties(results: dict) -> str:
+    """The tie mode the tables use (:func:`primary_tie_mode` of the run's ``ties``)."""
+    return primary_tie_mode(results["config"]["ties"])
 
 
 def report_bits(results: dict, setting: dict) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 from dfsnet._io import sha256_file
 from dfsnet.errors import InputError
 from dfsnet.experiments.config import ExperimentConfig, _unknown, config_from_dict, default_bits
-from dfsnet.experiments.results import RESULTS_SCHEMA, finite, write_results
+from dfsnet.experiments.results import RESULTS_SCHEMA, finite, primary_tie_mode, write_results
 from dfsnet.experiments.schemes import (
     HASH_NETWORKS,
     NETWORKS,
@@ -633,7 +633,7 @@ def _select_and_score(cfg: ExperimentConfig, part_feats: dict, heads: dict, b: i
     choice, scores = select_encoder(candidates, fit, val)
     (q, yq), (db, ydb) = part_feats["query"], part_feats["database"]
     train = _train_part(part_feats)
-    primary = "expected" if "expected" in cfg.ties else cfg.ties[0]  # as the report's tables
+    primary = primary_tie_mode(cfg.ties)  # as the report's tables
     by_ties: dict[str, dict] = {t: {} for t in cfg.ties}
     for name, encoder in candidates.items():
         if not hasattr(encoder, "n_bits_"):
